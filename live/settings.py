@@ -1,0 +1,117 @@
+"""One settings object for a run: a YAML profile from configs/, overridable by env (LIVE_AVATAR_*) and CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from model.config import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+
+class VideoSettings(BaseModel):
+    """Output video geometry and rate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size_area: str = Field("704*384", description="Upstream area rule 'W*H': generation size keeps the image's "
+                           "aspect ratio under this pixel area with both sides multiples of `size_multiple`.")
+    size_multiple: int = 64
+    fps: int = 25
+
+
+class StreamSettings(BaseModel):
+    """Streaming generation: sampler, caches, audio window, ring."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = 4
+    shift: float = 3.0
+    drop_first_frames: int = Field(3, description="Frames dropped from the very first decoded block (upstream "
+                                   "drops 3); the audio is offset by the same amount so A/V stays aligned.")
+    audio_left_context_s: float = Field(1.0, description="Seconds of past audio wav2vec2 sees before a block.")
+    audio_lookahead_s: float = Field(0.16, description="Seconds of future audio a block waits for; this is "
+                                     "part of the generation latency.")
+    ring_capacity_frames: int = 48
+    vae_warmup_latents: int = Field(7, description="Motion latents decoded once to prime the VAE cache.")
+
+
+class ServerSettings(BaseModel):
+    """HTTP/WebRTC server options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_sessions: int = 4
+    reap_after_s: float = 8.0
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_image_side: int = 4096
+
+
+class Settings(BaseSettings):
+    """A complete run profile. Load with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="LIVE_AVATAR_", env_nested_delimiter="__", extra="forbid")
+
+    name: str = "custom"
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', or 'cuda:N'.")
+    dtype: str = Field("float32", description="Compute dtype: float32 | bfloat16.")
+    checkpoint_dir: Path | None = Field(None, description="Official checkpoint folder; None = random weights.")
+    lora: Path | None = None
+    weights: Path | None = Field(None, description="A project checkpoint (safetensors) for tiny models.")
+    seed: int = 0
+    threads: int = Field(0, description="torch CPU threads (0 = torch default).")
+    model: ModelConfig = ModelConfig()
+    video: VideoSettings = VideoSettings()
+    stream: StreamSettings = StreamSettings()
+    server: ServerSettings = ServerSettings()
+    source: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment variables override the YAML profile, which arrives as init kwargs.
+        return env_settings, init_settings
+
+
+class ConfigError(ValueError):
+    """A profile file is missing or invalid."""
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read a YAML profile (default: the built-in tiny profile) and apply keyword overrides on top."""
+    cfg_path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not cfg_path.exists() and not cfg_path.is_absolute() and (REPO_ROOT / cfg_path).exists():
+        cfg_path = REPO_ROOT / cfg_path
+    if not cfg_path.is_file():
+        raise ConfigError(f"config file not found: {cfg_path}")
+    try:
+        data = yaml.safe_load(cfg_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{cfg_path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cfg_path}: expected a mapping at the top level")
+    base = cfg_path.parent
+    for key in ("checkpoint_dir", "lora", "weights"):
+        if data.get(key) and not Path(data[key]).is_absolute():
+            data[key] = str((base / data[key]).resolve())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    data["source"] = str(cfg_path)
+    try:
+        return Settings(**data)
+    except Exception as exc:  # pydantic.ValidationError carries the field paths
+        raise ConfigError(f"{cfg_path}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Signaling: how peers connect (WebSocket, WHIP, WHEP) and the HTTP app wiring."""

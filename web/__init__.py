@@ -1,0 +1,1 @@
+"""Static browser pages: the talk page and the chrome-less viewer page."""
