@@ -1,0 +1,383 @@
+"""Causal S2V DiT: the Wan2.2-S2V trunk with Live Avatar's block-causal streaming inference.
+
+Parameter names are the official checkpoint keys (``blocks.N.self_attn.q``, ``casual_audio_encoder.*``,
+``audio_injector.injector.i.*``, ``frame_packer.*`` …), so an official state dict loads with strict checking.
+
+Streaming, per session:
+1. :meth:`CausalS2VDiT.prefill_sink` runs the reference latent and the FramePack-packed motion latents
+   through every block once at timestep 0 and stores their per-layer K (un-roped) and V: the *sink*.
+2. For each block of ``frames_per_block`` latent frames and each denoising step ``i``,
+   :meth:`CausalS2VDiT.forward_block` attends the block's queries to [sink | rolling KV ring of step i],
+   after writing the block's own roped K/V into that ring (so the ring holds history at noise level t_i,
+   as upstream's "timestep forcing" does). The ring holds the last ``kv_cache_frames`` latent frames.
+3. Audio tokens for the block come from :meth:`CausalS2VDiT.encode_audio`; text K/V are computed once per
+   prompt by :meth:`CausalS2VDiT.text_kv`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.normalization import AdaLayerNorm
+from torch import nn
+
+from .audio_encoder import CausalAudioEncoder
+from .config import DiTConfig
+from .rope import apply_rope, grid_positions, rope_cos_sin, spread_indices
+
+REF_MASK_ID, MOTION_MASK_ID, NOISY_MASK_ID = 1, 2, 0
+
+
+class WanRMSNorm(nn.Module):
+    """RMSNorm over the full model width, computed in float32 (Wan's q/k norm)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class WanLayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Apply a linear layer in its own weight dtype."""
+    return layer(x.to(layer.weight.dtype))
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding: cos then sin, float64 maths, returned as float32 ``[B, dim]``."""
+    half = dim // 2
+    pos = t.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    s = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(s), torch.sin(s)], dim=1).float()
+
+
+class WanAttention(nn.Module):
+    """q/k/v/o projections with RMS q/k norm over the full width (Wan self/cross attention weights)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps)
+        self.norm_k = WanRMSNorm(dim, eps)
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised queries ``[B, S, H, D]``."""
+        return self.norm_q(_linear(self.q, x)).unflatten(-1, (self.num_heads, -1))
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised keys and values ``[B, S, H, D]`` (un-roped)."""
+        k = self.norm_k(_linear(self.k, x)).unflatten(-1, (self.num_heads, -1))
+        v = _linear(self.v, x).unflatten(-1, (self.num_heads, -1))
+        return k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """SDPA over ``[B, S, H, D]`` inputs followed by the output projection."""
+        dt = self.o.weight.dtype
+        out = F.scaled_dot_product_attention(q.transpose(1, 2).to(dt), k.transpose(1, 2).to(dt), v.transpose(1, 2).to(dt))
+        return self.o(out.transpose(1, 2).flatten(2))
+
+    def cross(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Cross-attention of ``x`` to precomputed context K/V."""
+        return self.attend(self.project_q(x), *kv)
+
+
+class S2VBlock(nn.Module):
+    """One Wan transformer block: modulated self-attention, text cross-attention, modulated FFN."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = WanLayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = WanAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True)
+        self.cross_attn = WanAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm2 = WanLayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, attend_self, text_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``x [B, S, C]`` float32 residual stream; ``e [B, 6, C]`` float32 time projection; ``attend_self``
+        maps the modulated input to the self-attention output (it owns caching and RoPE)."""
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation.float() + e).chunk(6, dim=1)
+        y = attend_self(self.norm1(x) * (1 + scale_msa) + shift_msa)
+        x = x + y.float() * gate_msa
+        x = x + self.cross_attn.cross(self.norm3(x), text_kv).float()
+        y = self.ffn(_cast(self.norm2(x) * (1 + scale_ffn) + shift_ffn, self.ffn[0]))
+        return x + y.float() * gate_ffn
+
+
+def _cast(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    return x.to(layer.weight.dtype)
+
+
+class Head(nn.Module):
+    """Output head: modulated LayerNorm + linear to patch pixels (``head.head``, ``head.modulation``)."""
+
+    def __init__(self, dim: int, out_dim: int, patch_size: tuple[int, int, int], eps: float) -> None:
+        super().__init__()
+        self.norm = WanLayerNorm(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_dim * math.prod(patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        return _linear(self.head, self.norm(x) * (1 + scale) + shift)
+
+
+class AudioInjector(nn.Module):
+    """Per-frame audio cross-attention with AdaLN, applied after selected blocks (``audio_injector.*``)."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        n = len(cfg.audio_inject_layers)
+        self.injector = nn.ModuleList(WanAttention(cfg.dim, cfg.num_heads, cfg.eps) for _ in range(n))
+        self.injector_adain_layers = nn.ModuleList(
+            AdaLayerNorm(embedding_dim=cfg.dim, output_dim=2 * cfg.dim, chunk_dim=1) for _ in range(n))
+        self.block_to_injector = {layer: i for i, layer in enumerate(cfg.audio_inject_layers)}
+
+    def forward(self, index: int, x: torch.Tensor, audio_global: torch.Tensor, audio_local: torch.Tensor) -> torch.Tensor:
+        """Residual for noisy tokens ``x [B, F*T, C]`` given per-frame audio ``global [B,F,1,C]``,
+        ``local [B,F,N,C]``."""
+        b, f = audio_local.shape[:2]
+        frames = x.unflatten(1, (f, -1)).flatten(0, 1)
+        ada = self.injector_adain_layers[index]
+        normed = ada(frames.to(ada.linear.weight.dtype), temb=audio_global.flatten(0, 1)[:, 0].to(ada.linear.weight.dtype))
+        attn = self.injector[index]
+        context = audio_local.flatten(0, 1)
+        out = attn.attend(attn.project_q(normed), *attn.project_kv(context))
+        return out.unflatten(0, (b, f)).flatten(1, 2)
+
+
+class FramePackMotioner(nn.Module):
+    """Packs 19 motion latents into 1× / 2× / 4× compressed token groups (``frame_packer.*``)."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.proj_2x = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=(2, 4, 4), stride=(2, 4, 4))
+        self.proj_4x = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=(4, 8, 8), stride=(4, 8, 8))
+        self.buckets = tuple(cfg.zip_frame_buckets)
+
+    def forward(self, motion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``motion [B, 16, M, h, w]`` (right-aligned into a zero buffer of sum(buckets) frames) →
+        (tokens ``[B, S, C]``, positions ``[S, 3]``)."""
+        b, c, m, h, w = motion.shape
+        total = sum(self.buckets)
+        padded = motion.new_zeros(b, c, total, h, w)
+        keep = min(total, m)
+        padded[:, :, total - keep:] = motion[:, :, m - keep:]
+        n_post, n_2x, n_4x = self.buckets
+        lat_4x, lat_2x, lat_post = padded.split([n_4x, n_2x, n_post], dim=2)
+        dt = self.proj.weight.dtype
+        tokens = [conv(lat.to(dt)).flatten(2).transpose(1, 2)
+                  for conv, lat in ((self.proj, lat_post), (self.proj_2x, lat_2x), (self.proj_4x, lat_4x))]
+        hp, wp = h // 2, w // 2
+        pos = [
+            grid_positions([-n_post], hp, wp),
+            grid_positions([-(n_post + n_2x)], h // 4, w // 4, spread_indices(h // 4, hp), spread_indices(w // 4, wp)),
+            grid_positions([-int(i) for i in _spread_down(total, total - n_4x + 1, n_4x // 4)],
+                           h // 8, w // 8, spread_indices(h // 8, hp), spread_indices(w // 8, wp)),
+        ]
+        return torch.cat(tokens, dim=1), torch.cat(pos, dim=0)
+
+
+def _spread_down(start: int, stop: int, count: int) -> list[int]:
+    """``np.linspace(start, stop, count).astype(int)`` for the 4× group's temporal indices (19 → 4)."""
+    import numpy as np
+
+    return np.linspace(start, stop, count).astype(int).tolist()
+
+
+@dataclass
+class AudioTokens:
+    """Audio conditioning for one block: per latent frame a global vector and local tokens."""
+
+    global_: torch.Tensor
+    local: torch.Tensor
+
+
+class StepCaches:
+    """KV memory of one stream: per denoising step and layer, a contiguous [sink | ring] buffer.
+
+    The sink's motion keys are roped once at prefill (their positions never change); the reference keys are
+    kept un-roped and re-roped for every block at the rolled position. Ring slots hold roped keys of the last
+    ``kv_cache_frames`` latent frames; memory is fixed at allocation and never grows.
+    """
+
+    def __init__(self, cfg: DiTConfig, steps: int, tokens_per_frame: int, sink_tokens: int,
+                 batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.tokens_per_frame = tokens_per_frame
+        self.sink_tokens = sink_tokens
+        self.ring_tokens = cfg.kv_cache_frames * tokens_per_frame
+        shape = (steps, cfg.num_layers, batch, sink_tokens + self.ring_tokens, cfg.num_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.ref_k = torch.zeros((cfg.num_layers, batch, tokens_per_frame) + shape[-2:], device=device, dtype=dtype)
+        self.frames_written = [0] * steps
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.ref_k))
+
+
+class CausalS2VDiT(nn.Module):
+    """Wan2.2-S2V DiT with official key names and block-causal streaming inference (constructor = config)."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"), nn.Linear(c.dim, c.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
+        self.blocks = nn.ModuleList(S2VBlock(c) for _ in range(c.num_layers))
+        self.head = Head(c.dim, c.out_dim, c.patch_size, c.eps)
+        self.casual_audio_encoder = CausalAudioEncoder(c.audio_dim, c.num_audio_layers, c.dim, c.num_audio_token,
+                                                       c.motion_frames, c.lat_motion_frames)
+        self.audio_injector = AudioInjector(c)
+        self.frame_packer = FramePackMotioner(c)
+        self.cond_encoder = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.trainable_cond_mask = nn.Embedding(3, c.dim)
+
+    # ----- conditioning -------------------------------------------------------------------------------
+    def text_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer cross-attention K/V for a text context ``[B, text_len, text_dim]`` (once per prompt)."""
+        emb = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
+        return [blk.cross_attn.project_kv(emb) for blk in self.blocks]
+
+    def encode_audio(self, features: torch.Tensor) -> AudioTokens:
+        """wav2vec2 features of one block ``[B, L, C, frames]`` → audio tokens for its latent frames."""
+        glob, local = self.casual_audio_encoder(features)
+        return AudioTokens(glob, local)
+
+    def _time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = sinusoidal_embedding(self.config.freq_dim, t)
+        e = self.time_embedding(emb.to(self.time_embedding[0].weight.dtype)).float()
+        e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float().unflatten(1, (6, self.config.dim))
+        return e, e0
+
+    def _patchify(self, conv: nn.Conv3d, latents: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        out = conv(latents.to(conv.weight.dtype))
+        return out.flatten(2).transpose(1, 2), tuple(out.shape[2:])
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        """Tokens per latent frame for a latent of ``height × width``."""
+        _, ph, pw = self.config.patch_size
+        return (height // ph) * (width // pw)
+
+    def sink_tokens(self, height: int, width: int) -> int:
+        """Sink size in tokens: reference T + FramePack T + T/4 + T/4 (= 2.5·T)."""
+        h2, w2 = height // 2, width // 2
+        return 2 * h2 * w2 + (height // 4) * (width // 4) + 4 * (height // 8) * (width // 8)
+
+    def new_caches(self, steps: int, height: int, width: int, batch: int = 1,
+                   device: torch.device | None = None, dtype: torch.dtype | None = None) -> StepCaches:
+        """Allocate the fixed-size KV memory for one stream of latent size ``height × width``."""
+        p = next(self.parameters())
+        return StepCaches(self.config, steps, self.tokens_per_frame(height, width), self.sink_tokens(height, width),
+                          batch, device or p.device, dtype or p.dtype)
+
+    def ref_position(self, block_start: int) -> int:
+        """Temporal RoPE index of the reference token when the current block starts at ``block_start``
+        (Live Avatar's rolled sink: ``max(30, f + d)``)."""
+        return max(self.config.ref_rope_index, block_start + self.config.sink_rope_distance)
+
+    # ----- sink prefill -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill_sink(self, caches: StepCaches, ref_latent: torch.Tensor, motion_latents: torch.Tensor,
+                     text_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Run reference + packed motion tokens through all blocks at t = 0 and store their K/V in every
+        step's buffer (reference keys un-roped, motion keys roped)."""
+        c = self.config
+        ref_tokens, (_, hp, wp) = self._patchify(self.patch_embedding, ref_latent)
+        mot_tokens, mot_pos = self.frame_packer(motion_latents)
+        ref_pos = grid_positions([c.ref_rope_index], hp, wp)
+        n_ref = ref_tokens.shape[1]
+        mask = self.trainable_cond_mask.weight
+        x = torch.cat([ref_tokens + mask[REF_MASK_ID], mot_tokens + mask[MOTION_MASK_ID]], dim=1).float()
+        positions = torch.cat([ref_pos, mot_pos], dim=0)
+        cos, sin = (t.to(x.device) for t in rope_cos_sin(positions, c.head_dim, c.rope_theta))
+        _, e0 = self._time(torch.zeros(x.shape[0], device=x.device))
+        sink = caches.sink_tokens
+        assert x.shape[1] == sink, f"sink token count {x.shape[1]} != allocated {sink}"
+        for layer, blk in enumerate(self.blocks):
+            def attend_self(h: torch.Tensor, layer: int = layer, blk: S2VBlock = blk) -> torch.Tensor:
+                q = blk.self_attn.project_q(h)
+                k, v = blk.self_attn.project_kv(h)
+                caches.ref_k[layer] = k[:, :n_ref]
+                k_roped = apply_rope(k, cos, sin)
+                caches.k[:, layer, :, :sink] = k_roped
+                caches.v[:, layer, :, :sink] = v
+                return blk.self_attn.attend(apply_rope(q, cos, sin), k_roped, v)
+
+            x = blk(x, e0, attend_self, text_kv[layer])
+        for step in range(len(caches.frames_written)):
+            caches.frames_written[step] = 0
+
+    # ----- one denoising step of one block ------------------------------------------------------------
+    @torch.no_grad()
+    def forward_block(self, latents: torch.Tensor, timestep: torch.Tensor, audio: AudioTokens,
+                      text_kv: list[tuple[torch.Tensor, torch.Tensor]], caches: StepCaches, step: int,
+                      block_start: int) -> torch.Tensor:
+        """Flow prediction for a noisy block ``latents [B, 16, F, h, w]`` at ``timestep [B]``.
+
+        Writes the block's roped K/V into ``caches`` for ``step`` at ring slot ``block_start mod ring`` and
+        attends to [sink | ring]. ``block_start`` is the absolute latent frame index of the block's first
+        frame; positions are exact integers, so streams never run out of RoPE positions.
+        """
+        c = self.config
+        x, (f, hp, wp) = self._patchify(self.patch_embedding, latents)
+        x = (x + self.cond_encoder.bias.to(x.dtype) + self.trainable_cond_mask.weight[NOISY_MASK_ID]).float()
+        t_per_frame = hp * wp
+        positions = grid_positions(list(range(block_start, block_start + f)), hp, wp)
+        cos, sin = (t.to(x.device) for t in rope_cos_sin(positions, c.head_dim, c.rope_theta))
+        ref_cos, ref_sin = (t.to(x.device) for t in
+                            rope_cos_sin(grid_positions([self.ref_position(block_start)], hp, wp), c.head_dim, c.rope_theta))
+        e, e0 = self._time(timestep.to(x.device))
+        sink, ring = caches.sink_tokens, caches.ring_tokens
+        slot = (block_start % c.kv_cache_frames) * t_per_frame
+        n = x.shape[1]
+        assert slot + n <= ring, "block must not straddle the ring end (kv_cache_frames % frames_per_block == 0)"
+        written = min(max(caches.frames_written[step], block_start + f) * t_per_frame, ring)
+        for layer, blk in enumerate(self.blocks):
+            def attend_self(h: torch.Tensor, layer: int = layer, blk: S2VBlock = blk) -> torch.Tensor:
+                q = apply_rope(blk.self_attn.project_q(h), cos, sin)
+                k, v = blk.self_attn.project_kv(h)
+                kbuf, vbuf = caches.k[step, layer], caches.v[step, layer]
+                kbuf[:, :t_per_frame] = apply_rope(caches.ref_k[layer], ref_cos, ref_sin)
+                kbuf[:, sink + slot: sink + slot + n] = apply_rope(k, cos, sin)
+                vbuf[:, sink + slot: sink + slot + n] = v
+                return blk.self_attn.attend(q, kbuf[:, :sink + written], vbuf[:, :sink + written])
+
+            x = blk(x, e0, attend_self, text_kv[layer])
+            if layer in self.audio_injector.block_to_injector:
+                idx = self.audio_injector.block_to_injector[layer]
+                x = x + self.audio_injector(idx, x, audio.global_, audio.local).float()
+        caches.frames_written[step] = max(caches.frames_written[step], block_start + f)
+        out = self.head(x, e)
+        return self._unpatchify(out, (f, hp, wp))
+
+    def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        pt, ph, pw = self.config.patch_size
+        f, h, w = grid
+        b = x.shape[0]
+        x = x.float().view(b, f, h, w, pt, ph, pw, self.config.out_dim)
+        return torch.einsum("bfhwpqrc->bcfphqwr", x).reshape(b, self.config.out_dim, f * pt, h * ph, w * pw)
