@@ -1,0 +1,51 @@
+"""Shared fixtures. Sections are owned by the part of the system they serve."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ASSETS = Path(__file__).parent / "assets"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+
+
+# ----- engine / model fixtures -------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_settings():
+    """The built-in tiny profile at 64×64 (fast enough for many blocks on 2 cores)."""
+    from live.settings import load_settings
+
+    s = load_settings("configs/tiny.yaml")
+    return s.model_copy(update={"video": s.video.model_copy(update={"size_area": "64*64"})})
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(tiny_settings):
+    """One tiny ModelStack shared by the engine tests (random weights, seed 0)."""
+    from live.engine import ModelStack
+
+    return ModelStack.load(tiny_settings)
+
+
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory) -> Path:
+    """A few seconds of real synthetic speech (espeak-ng), 22.05 kHz mono WAV."""
+    out = tmp_path_factory.mktemp("speech") / "speech.wav"
+    text = "Hello, I am a live avatar. I speak whatever you say, in real time, for as long as you like."
+    subprocess.run(["espeak-ng", "-s", "170", "-w", str(out), text], check=True, capture_output=True)
+    return out
+
+
+def make_speechlike(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
+    """Amplitude-modulated noise bursts: speech-like energy envelope without a TTS engine."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    env = (np.sin(2 * np.pi * 3.0 * t) > 0).astype(np.float32) * 0.3
+    return (rng.standard_normal(t.size).astype(np.float32) * env).astype(np.float32)
