@@ -66,7 +66,6 @@ class Settings(BaseSettings):
     dtype: str = Field("float32", description="Compute dtype: float32 | bfloat16.")
     checkpoint_dir: Path | None = Field(None, description="Official checkpoint folder; None = random weights.")
     lora: Path | None = None
-    weights: Path | None = Field(None, description="A project checkpoint (safetensors) for tiny models.")
     seed: int = 0
     threads: int = Field(0, description="torch CPU threads (0 = torch default).")
     model: ModelConfig = ModelConfig()
@@ -106,7 +105,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError(f"{cfg_path}: expected a mapping at the top level")
     base = cfg_path.parent
-    for key in ("checkpoint_dir", "lora", "weights"):
+    for key in ("checkpoint_dir", "lora"):
         if data.get(key) and not Path(data[key]).is_absolute():
             data[key] = str((base / data[key]).resolve())
     data.update({k: v for k, v in overrides.items() if v is not None})

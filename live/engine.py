@@ -1,0 +1,214 @@
+"""The streaming engine: one class that turns a reference image, a prompt and a live audio stream into frames.
+
+:class:`ModelStack` holds the models (loaded once per device, shared by every session on it).
+:class:`StreamEngine` holds one stream's state — KV caches, sink, VAE decode cache, audio window, noise
+generator and frame ring — and produces one block (``frames_per_block`` latent frames → 12 video frames)
+per :meth:`StreamEngine.generate_block` call. The server's worker thread and the offline renderer both drive
+this class; there is no second pipeline.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import Wav2Vec2Model
+
+from model.audio_features import WAV2VEC_HOP, FrameAudioFeatures, build_wav2vec2
+from model.dit import CausalS2VDiT
+from model.init import build_random
+from model.sampler import FlowMatchSchedule
+from model.text import HashedTextEncoder
+from model.vae import StreamingVAEDecoder, build_vae, encode_video, to_uint8_frames
+
+from .audio_window import AudioWindow
+from .frame_ring import FrameRing
+from .images import default_character, generation_size, image_to_tensor
+from .settings import Settings
+
+SAMPLE_RATE = 16000
+VAE_TEMPORAL_STRIDE = 4
+VAE_SPATIAL_STRIDE = 8
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → cuda if available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' → torch dtype."""
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError as exc:
+        raise ValueError(f"unsupported dtype {name!r}; use float32, bfloat16 or float16") from exc
+
+
+@dataclass
+class ModelStack:
+    """The models of one profile on one device: DiT, VAE, wav2vec2, text encoder and the sampler schedule."""
+
+    settings: Settings
+    device: torch.device
+    dtype: torch.dtype
+    dit: CausalS2VDiT
+    vae: nn.Module
+    wav2vec2: Wav2Vec2Model
+    text_encoder: nn.Module
+    schedule: FlowMatchSchedule
+
+    @classmethod
+    def load(cls, settings: Settings) -> "ModelStack":
+        """Build the stack: official checkpoints if ``checkpoint_dir`` is set, else seeded random weights."""
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        device, dtype = resolve_device(settings.device), resolve_dtype(settings.dtype)
+        mc = settings.model
+        if settings.checkpoint_dir is not None:
+            from model.checkpoint import load_official
+
+            loaded = load_official(settings.checkpoint_dir, settings.lora, mc, device, dtype)
+            dit, vae, w2v, text = loaded.dit, loaded.vae, loaded.wav2vec2, loaded.text_encoder
+        else:
+            dit = build_random(lambda: CausalS2VDiT(mc.dit), device, dtype, settings.seed)
+            torch.manual_seed(settings.seed)
+            vae = build_vae(mc.vae)
+            w2v = build_wav2vec2(mc.wav2vec2)
+            text = HashedTextEncoder(mc.dit.text_dim, mc.dit.text_len, seed=settings.seed)
+            w2v, text = (m.to(device=device, dtype=dtype) for m in (w2v, text))
+            vae = vae.to(device=device) if dtype == torch.float32 else vae.to(device=device, dtype=dtype)
+        for m in (dit, vae, w2v, text):
+            m.eval().requires_grad_(False)
+        return cls(settings, device, dtype, dit, vae, w2v, text,
+                   FlowMatchSchedule(settings.stream.steps, settings.stream.shift))
+
+
+class StreamEngine:
+    """One avatar stream: start(image, prompt) → push_audio(...) → generate_block() → frames in ``ring``."""
+
+    def __init__(self, stack: ModelStack, seed: int | None = None) -> None:
+        self.stack = stack
+        s = stack.settings
+        self.seed = s.seed if seed is None else seed
+        self.fps = s.video.fps
+        self.frames_per_block = s.model.dit.frames_per_block * VAE_TEMPORAL_STRIDE
+        self.samples_per_block = SAMPLE_RATE * self.frames_per_block // self.fps
+        self.drop_first = s.stream.drop_first_frames
+        for name, secs in (("audio_left_context_s", s.stream.audio_left_context_s),
+                           ("audio_lookahead_s", s.stream.audio_lookahead_s)):
+            if round(secs * SAMPLE_RATE) % WAV2VEC_HOP:
+                raise ValueError(f"stream.{name}={secs} must be a multiple of 0.02 s (the wav2vec2 hop)")
+        self.left_samples = round(s.stream.audio_left_context_s * SAMPLE_RATE)
+        self.lookahead_samples = round(s.stream.audio_lookahead_s * SAMPLE_RATE)
+        self.latency_s = (self.samples_per_block + self.lookahead_samples) / SAMPLE_RATE
+        self._features = FrameAudioFeatures(stack.wav2vec2, SAMPLE_RATE, self.fps)
+        self._lock = threading.Lock()
+        self._pending_prompt: str | None = None
+        self.window: AudioWindow | None = None
+        self.ring: FrameRing | None = None
+        self.width = self.height = 0
+        self.blocks_done = 0
+        self.frames_emitted = 0
+        self._closed = False
+
+    # ----- session start ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def start(self, image: Image.Image | None = None, prompt: str = "") -> None:
+        """Encode the reference, prefill the sink, prime the VAE cache and allocate the ring."""
+        st, s = self.stack, self.stack.settings
+        img = image if image is not None else default_character()
+        self.height, self.width = generation_size((img.height, img.width), s.video.size_area, s.video.size_multiple)
+        lat_h, lat_w = self.height // VAE_SPATIAL_STRIDE, self.width // VAE_SPATIAL_STRIDE
+        pixels = image_to_tensor(img, self.height, self.width).to(st.device, st.dtype)
+        ref_latent = encode_video(st.vae, pixels)
+        motion_video = pixels.expand(-1, -1, s.model.dit.motion_frames, -1, -1)
+        motion_latents = encode_video(st.vae, motion_video)
+        self._text_kv = st.dit.text_kv(st.text_encoder.encode(prompt).to(st.device))
+        self.caches = st.dit.new_caches(s.stream.steps, lat_h, lat_w, device=st.device, dtype=st.dtype)
+        st.dit.prefill_sink(self.caches, ref_latent, motion_latents, self._text_kv)
+        self.decoder = StreamingVAEDecoder(st.vae)
+        self.decoder.reset()
+        warm = s.stream.vae_warmup_latents
+        if warm:
+            self.decoder.decode(motion_latents[:, :, :warm])
+        self.ring = FrameRing(s.stream.ring_capacity_frames, self.height, self.width, st.device)
+        self.window = AudioWindow(sample_rate=SAMPLE_RATE, fps=self.fps, frames_per_block=self.frames_per_block,
+                                  left_context_s=s.stream.audio_left_context_s,
+                                  lookahead_s=s.stream.audio_lookahead_s, leading_silence_frames=self.drop_first)
+        self._generator = torch.Generator(device=st.device).manual_seed(self.seed)
+        self._latent_shape = (1, s.model.dit.in_dim, s.model.dit.frames_per_block, lat_h, lat_w)
+
+    # ----- inputs (thread-safe) -----------------------------------------------------------------------
+    def push_audio(self, pcm: np.ndarray) -> None:
+        """Append 16 kHz mono float32 PCM (any length)."""
+        with self._lock:
+            self._require_started().push(pcm)
+
+    def finish_audio(self) -> None:
+        """End of input: pad with silence so every pushed sample is generated."""
+        with self._lock:
+            self._require_started().finish()
+
+    def set_prompt(self, prompt: str) -> None:
+        """Change the prompt; it takes effect at the next block."""
+        with self._lock:
+            self._pending_prompt = prompt
+
+    def block_ready(self) -> bool:
+        """Whether enough audio (block + lookahead) is buffered for the next block."""
+        with self._lock:
+            return self.window is not None and not self._closed and self.window.ready()
+
+    def _require_started(self) -> AudioWindow:
+        if self.window is None:
+            raise RuntimeError("StreamEngine.start() must be called first")
+        if self._closed:
+            raise RuntimeError("stream is closed")
+        return self.window
+
+    # ----- generation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_block(self) -> int:
+        """Generate the next block into the ring (waits while the ring is full); returns frames produced,
+        0 if not enough audio is buffered."""
+        st = self.stack
+        with self._lock:
+            block = self._require_started().next_block()
+            prompt, self._pending_prompt = self._pending_prompt, None
+        if block is None:
+            return 0
+        if prompt is not None:
+            self._text_kv = st.dit.text_kv(st.text_encoder.encode(prompt).to(st.device))
+        first_frame = block.index * self.frames_per_block
+        window_start = block.index * self.samples_per_block - block.block_offset
+        feats = self._features(block.samples, window_start, first_frame, self.frames_per_block)
+        audio = st.dit.encode_audio(feats.to(st.device, st.dtype))
+        x = torch.randn(self._latent_shape, generator=self._generator, device=st.device, dtype=torch.float32)
+        block_start = block.index * self._latent_shape[2]
+        for i in range(st.schedule.steps):
+            t = st.schedule.timesteps[i].expand(1).to(st.device)
+            v = st.dit.forward_block(x.to(st.dtype), t, audio, self._text_kv, self.caches, i, block_start)
+            x = st.schedule.euler_step(x, v, i)
+        frames = to_uint8_frames(self.decoder.decode(x.to(st.dtype)))
+        if block.index == 0 and self.drop_first:
+            frames = frames[self.drop_first:]
+        self.ring.put(frames)
+        self.blocks_done += 1
+        self.frames_emitted += frames.shape[0]
+        return frames.shape[0]
+
+    def close(self) -> None:
+        """Release caches and wake anyone waiting on the ring; idempotent."""
+        with self._lock:
+            self._closed = True
+        if self.ring is not None:
+            self.ring.close()
+        for name in ("caches", "decoder", "_text_kv"):
+            if hasattr(self, name):
+                delattr(self, name)

@@ -1,0 +1,69 @@
+"""wav2vec2 hidden states → one feature per video frame, for one block's audio window.
+
+Upstream encodes a whole file: all hidden states at 50 Hz, linearly resampled to 30 Hz, then sampled at the
+video fps with rounded indices. For streaming we evaluate the same mapping per frame: video frame J (absolute,
+since stream start) reads the 30 Hz index ``round(J * 30 / fps)``, i.e. 50 Hz position ``round(J*30/fps)*5/3``,
+linearly interpolated between the two nearest wav2vec2 frames of the block's window. The window has a fixed
+length, so the features of a block depend only on its own window (causality is the window's business).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+from .config import Wav2Vec2Size
+
+WAV2VEC_RATE = 50
+WAV2VEC_HOP = 320
+FEATURE_RATE = 30
+
+
+def build_wav2vec2(size: Wav2Vec2Size) -> Wav2Vec2Model:
+    """A randomly initialised wav2vec2 (layer-norm "stable" variant, as XLSR-53) of the given size."""
+    cfg = Wav2Vec2Config(
+        hidden_size=size.hidden_size, num_hidden_layers=size.num_hidden_layers,
+        num_attention_heads=size.num_attention_heads, intermediate_size=size.intermediate_size,
+        conv_dim=tuple(size.conv_dim), num_conv_pos_embeddings=size.num_conv_pos_embeddings,
+        num_conv_pos_embedding_groups=size.num_conv_pos_embedding_groups, feat_extract_norm="layer",
+        do_stable_layer_norm=True, vocab_size=32)
+    return Wav2Vec2Model(cfg).eval()
+
+
+class FrameAudioFeatures:
+    """Turns a block's audio window into ``[1, num_hidden_states, hidden, frames]`` per-frame features."""
+
+    def __init__(self, wav2vec2: Wav2Vec2Model, sample_rate: int = 16000, fps: int = 25) -> None:
+        if sample_rate != 16000:
+            raise ValueError(f"wav2vec2 needs 16 kHz audio, got {sample_rate} Hz")
+        self.wav2vec2 = wav2vec2
+        self.fps = fps
+
+    @torch.no_grad()
+    def __call__(self, samples: np.ndarray, window_start: int, first_frame: int, num_frames: int) -> torch.Tensor:
+        """Features of video frames ``first_frame … first_frame+num_frames-1``.
+
+        ``samples`` is the window (float32 mono 16 kHz); ``window_start`` its first sample's index in stream
+        time (may be negative: leading zeros), and must be a multiple of the 320-sample wav2vec2 hop.
+        """
+        if window_start % WAV2VEC_HOP:
+            raise ValueError(f"window start {window_start} is not a multiple of {WAV2VEC_HOP} samples")
+        p = next(self.wav2vec2.parameters())
+        x = torch.as_tensor(samples, dtype=torch.float32)
+        x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
+        out = self.wav2vec2(x[None].to(p.device, p.dtype), output_hidden_states=True)
+        hidden = torch.stack(out.hidden_states, dim=1)[0].float()
+        t50 = hidden.shape[1]
+        offset = window_start // WAV2VEC_HOP
+        cols = []
+        for j in range(first_frame, first_frame + num_frames):
+            pos = round(j * FEATURE_RATE / self.fps) * WAV2VEC_RATE / FEATURE_RATE - offset
+            pos = min(max(pos, 0.0), t50 - 1.0)
+            lo = math.floor(pos)
+            hi = min(lo + 1, t50 - 1)
+            a = pos - lo
+            cols.append(hidden[:, lo] * (1 - a) + hidden[:, hi] * a)
+        return torch.stack(cols, dim=-1)[None]
