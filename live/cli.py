@@ -101,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2, without a traceback."""
+    from model.checkpoint import CheckpointError
+
     from .images import ImageError
     from .media import MediaError
 
-    user_errors = (ConfigError, ImageError, MediaError)
+    user_errors = (ConfigError, ImageError, MediaError, CheckpointError)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -75,6 +75,7 @@ class ModelStack:
 
             loaded = load_official(settings.checkpoint_dir, settings.lora, mc, device, dtype)
             dit, vae, w2v, text = loaded.dit, loaded.vae, loaded.wav2vec2, loaded.text_encoder
+            text = text.to(resolve_device(settings.text_device))
         else:
             dit = build_random(lambda: CausalS2VDiT(mc.dit), device, dtype, settings.seed)
             torch.manual_seed(settings.seed)
@@ -97,7 +98,7 @@ class StreamEngine:
         s = stack.settings
         self.seed = s.seed if seed is None else seed
         self.fps = s.video.fps
-        self.frames_per_block = s.model.dit.frames_per_block * VAE_TEMPORAL_STRIDE
+        self.frames_per_block = stack.dit.config.frames_per_block * VAE_TEMPORAL_STRIDE
         self.samples_per_block = SAMPLE_RATE * self.frames_per_block // self.fps
         self.drop_first = s.stream.drop_first_frames
         for name, secs in (("audio_left_context_s", s.stream.audio_left_context_s),
@@ -127,9 +128,10 @@ class StreamEngine:
         lat_h, lat_w = self.height // VAE_SPATIAL_STRIDE, self.width // VAE_SPATIAL_STRIDE
         pixels = image_to_tensor(img, self.height, self.width).to(st.device, st.dtype)
         ref_latent = encode_video(st.vae, pixels)
-        motion_video = pixels.expand(-1, -1, s.model.dit.motion_frames, -1, -1)
+        dit_cfg = st.dit.config
+        motion_video = pixels.expand(-1, -1, dit_cfg.motion_frames, -1, -1)
         motion_latents = encode_video(st.vae, motion_video)
-        self._text_kv = st.dit.text_kv(st.text_encoder.encode(prompt).to(st.device))
+        self._text_kv = self._encode_prompt(prompt)
         self.caches = st.dit.new_caches(s.stream.steps, lat_h, lat_w, device=st.device, dtype=st.dtype)
         st.dit.prefill_sink(self.caches, ref_latent, motion_latents, self._text_kv)
         self.decoder = StreamingVAEDecoder(st.vae)
@@ -142,7 +144,11 @@ class StreamEngine:
                                   left_context_s=s.stream.audio_left_context_s,
                                   lookahead_s=s.stream.audio_lookahead_s, leading_silence_frames=self.drop_first)
         self._generator = torch.Generator(device=st.device).manual_seed(self.seed)
-        self._latent_shape = (1, s.model.dit.in_dim, s.model.dit.frames_per_block, lat_h, lat_w)
+        self._latent_shape = (1, dit_cfg.in_dim, dit_cfg.frames_per_block, lat_h, lat_w)
+
+    def _encode_prompt(self, prompt: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        st = self.stack
+        return st.dit.text_kv(st.text_encoder.encode(prompt).to(st.device, st.dtype))
 
     # ----- inputs (thread-safe) -----------------------------------------------------------------------
     def push_audio(self, pcm: np.ndarray) -> None:
@@ -184,7 +190,7 @@ class StreamEngine:
         if block is None:
             return 0
         if prompt is not None:
-            self._text_kv = st.dit.text_kv(st.text_encoder.encode(prompt).to(st.device))
+            self._text_kv = self._encode_prompt(prompt)
         first_frame = block.index * self.frames_per_block
         window_start = block.index * self.samples_per_block - block.block_offset
         feats = self._features(block.samples, window_start, first_frame, self.frames_per_block)

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     dtype: str = Field("float32", description="Compute dtype: float32 | bfloat16.")
     checkpoint_dir: Path | None = Field(None, description="Official checkpoint folder; None = random weights.")
     lora: Path | None = None
+    text_device: str = Field("auto", description="Where the text encoder runs ('cpu' keeps umT5-XXL's ~11 GB "
+                             "off the GPU; prompts are encoded once per change).")
     seed: int = 0
     threads: int = Field(0, description="torch CPU threads (0 = torch default).")
     model: ModelConfig = ModelConfig()
