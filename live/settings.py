@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,6 +56,18 @@ class ServerSettings(BaseModel):
     max_image_side: int = 4096
 
 
+class PipelineSettings(BaseModel):
+    """Step pipeline over several GPUs of one host (live/pipeline.py): rank i runs denoising steps i, i+N, ..."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    world_size: int = Field(1, ge=1, description="Processes (one GPU each); 1 = the single-process engine.")
+    backend: Literal["nccl", "gloo"] = Field("nccl", description="torch.distributed backend for latents and "
+                                             "frames: nccl on GPUs, gloo on CPU.")
+    decode_on: Literal["last", "own"] = Field("last", description="VAE decode on the last rank, which also runs "
+                                              "DiT steps ('last'), or on a rank of its own ('own').")
+
+
 class Settings(BaseSettings):
     """A complete run profile. Load with :func:`load_settings`."""
 
@@ -74,6 +86,7 @@ class Settings(BaseSettings):
     video: VideoSettings = VideoSettings()
     stream: StreamSettings = StreamSettings()
     server: ServerSettings = ServerSettings()
+    pipeline: PipelineSettings = PipelineSettings()
     source: Path | None = None
 
     @classmethod
