@@ -86,6 +86,12 @@ class ModelStack:
             vae = vae.to(device=device) if dtype == torch.float32 else vae.to(device=device, dtype=dtype)
         for m in (dit, vae, w2v, text):
             m.eval().requires_grad_(False)
+        if settings.fp8:
+            from model.fp8 import quantize_dit_
+
+            quantize_dit_(dit)
+        if settings.compile:
+            dit.compile_blocks()
         return cls(settings, device, dtype, dit, vae, w2v, text,
                    FlowMatchSchedule(settings.stream.steps, settings.stream.shift))
 
@@ -134,6 +140,8 @@ class StreamEngine:
         self._text_kv = self._encode_prompt(prompt)
         self.caches = st.dit.new_caches(s.stream.steps, lat_h, lat_w, device=st.device, dtype=st.dtype)
         st.dit.prefill_sink(self.caches, ref_latent, motion_latents, self._text_kv)
+        self._motion_latents = motion_latents
+        self._refresh_at = dit_cfg.kv_cache_frames // dit_cfg.frames_per_block if s.stream.refresh_sink else None
         self.decoder = StreamingVAEDecoder(st.vae)
         self.decoder.reset()
         warm = s.stream.vae_warmup_latents
@@ -197,10 +205,14 @@ class StreamEngine:
         audio = st.dit.encode_audio(feats.to(st.device, st.dtype))
         x = torch.randn(self._latent_shape, generator=self._generator, device=st.device, dtype=torch.float32)
         block_start = block.index * self._latent_shape[2]
+        if block.index == self._refresh_at:
+            st.dit.prefill_sink(self.caches, self._first_latent, self._motion_latents, self._text_kv)
         for i in range(st.schedule.steps):
             t = st.schedule.timesteps[i].expand(1).to(st.device)
             v = st.dit.forward_block(x.to(st.dtype), t, audio, self._text_kv, self.caches, i, block_start)
             x = st.schedule.euler_step(x, v, i)
+        if block.index == 0:
+            self._first_latent = x[:, :, :1].to(st.dtype)
         frames = to_uint8_frames(self.decoder.decode(x.to(st.dtype)))
         if block.index == 0 and self.drop_first:
             frames = frames[self.drop_first:]

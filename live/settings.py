@@ -41,6 +41,8 @@ class StreamSettings(BaseModel):
                                      "part of the generation latency.")
     ring_capacity_frames: int = 48
     vae_warmup_latents: int = Field(7, description="Motion latents decoded once to prime the VAE cache.")
+    refresh_sink: bool = Field(True, description="Live Avatar's rolling sink: at the start of the second clip, "
+                               "re-prefill the sink with the first generated latent frame as the reference.")
 
 
 class ServerSettings(BaseModel):
@@ -82,6 +84,9 @@ class Settings(BaseSettings):
                              "off the GPU; prompts are encoded once per change).")
     seed: int = 0
     threads: int = Field(0, description="torch CPU threads (0 = torch default).")
+    fp8: bool = Field(False, description="FP8 (e4m3) weights and activations in the DiT's transformer blocks and "
+                      "audio injectors (torch._scaled_mm on CUDA; emulated elsewhere).")
+    compile: bool = Field(False, description="torch.compile the DiT's per-layer pieces (first blocks compile).")
     model: ModelConfig = ModelConfig()
     video: VideoSettings = VideoSettings()
     stream: StreamSettings = StreamSettings()

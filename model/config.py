@@ -40,6 +40,11 @@ class DiTConfig(BaseModel):
         "draws it from randint(4, 30) on every call; we fix it (the mean) so inference is deterministic.",
     )
     rope_theta: float = 10000.0
+    rope_fp16_factors: bool = Field(
+        True,
+        description="Round RoPE cos/sin to float16 as Live Avatar's rope_precompute does (it writes the factors "
+        "into a complex32 tensor); False uses exact float32 factors (differences ≤ 1e-4).",
+    )
 
     @property
     def head_dim(self) -> int:

@@ -16,6 +16,7 @@ Streaming, per session:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -51,9 +52,14 @@ class WanLayerNorm(nn.LayerNorm):
         return super().forward(x.float()).to(x.dtype)
 
 
+def _dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a linear layer computes in (an FP8 layer reports its activation dtype, not float8)."""
+    return getattr(layer, "compute_dtype", None) or layer.weight.dtype
+
+
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Apply a linear layer in its own weight dtype."""
-    return layer(x.to(layer.weight.dtype))
+    """Apply a linear layer in its own compute dtype."""
+    return layer(x.to(_dtype(layer)))
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -90,7 +96,7 @@ class WanAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """SDPA over ``[B, S, H, D]`` inputs followed by the output projection."""
-        dt = self.o.weight.dtype
+        dt = _dtype(self.o)
         out = F.scaled_dot_product_attention(q.transpose(1, 2).to(dt), k.transpose(1, 2).to(dt), v.transpose(1, 2).to(dt))
         return self.o(out.transpose(1, 2).flatten(2))
 
@@ -113,19 +119,23 @@ class S2VBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor, attend_self, text_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """``x [B, S, C]`` float32 residual stream; ``e [B, 6, C]`` float32 time projection; ``attend_self``
-        maps the modulated input to the self-attention output (it owns caching and RoPE)."""
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation.float() + e).chunk(6, dim=1)
-        y = attend_self(self.norm1(x) * (1 + scale_msa) + shift_msa)
-        x = x + y.float() * gate_msa
+    # The block is split around self-attention so that the caller owns the KV memory and the attention
+    # kernel, and the two halves can be compiled once and shared by all layers.
+    def attn_input(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """Modulated pre-norm of the self-attention: ``x [B, S, C]`` float32 residual stream, ``e [B, 6, C]``
+        float32 time projection."""
+        shift, scale = (self.modulation[:, :2].float() + e[:, :2]).unbind(1)
+        return self.norm1(x) * (1 + scale[:, None]) + shift[:, None]
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor, e: torch.Tensor,
+               text_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rest of the block after self-attention: ``attn [B, S, C]`` is the attention output before the
+        output projection; adds it (gated), then text cross-attention and the modulated FFN."""
+        gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation[:, 2:].float() + e[:, 2:]).unsqueeze(2).unbind(1)
+        x = x + _linear(self.self_attn.o, attn).float() * gate_msa
         x = x + self.cross_attn.cross(self.norm3(x), text_kv).float()
-        y = self.ffn(_cast(self.norm2(x) * (1 + scale_ffn) + shift_ffn, self.ffn[0]))
+        y = self.ffn((self.norm2(x) * (1 + scale_ffn) + shift_ffn).to(_dtype(self.ffn[0])))
         return x + y.float() * gate_ffn
-
-
-def _cast(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    return x.to(layer.weight.dtype)
 
 
 class Head(nn.Module):
@@ -156,14 +166,101 @@ class AudioInjector(nn.Module):
     def forward(self, index: int, x: torch.Tensor, audio_global: torch.Tensor, audio_local: torch.Tensor) -> torch.Tensor:
         """Residual for noisy tokens ``x [B, F*T, C]`` given per-frame audio ``global [B,F,1,C]``,
         ``local [B,F,N,C]``."""
-        b, f = audio_local.shape[:2]
-        frames = x.unflatten(1, (f, -1)).flatten(0, 1)
-        ada = self.injector_adain_layers[index]
-        normed = ada(frames.to(ada.linear.weight.dtype), temb=audio_global.flatten(0, 1)[:, 0].to(ada.linear.weight.dtype))
-        attn = self.injector[index]
-        context = audio_local.flatten(0, 1)
-        out = attn.attend(attn.project_q(normed), *attn.project_kv(context))
-        return out.unflatten(0, (b, f)).flatten(1, 2)
+        return inject_audio(self.injector[index], self.injector_adain_layers[index], x, audio_global, audio_local)
+
+
+def inject_audio(attn: WanAttention, ada: AdaLayerNorm, x: torch.Tensor, audio_global: torch.Tensor,
+                 audio_local: torch.Tensor) -> torch.Tensor:
+    """One audio injector (its attention and AdaLN passed in, so one compiled graph serves all of them)."""
+    b, f = audio_local.shape[:2]
+    frames = x.unflatten(1, (f, -1)).flatten(0, 1)
+    dt = _dtype(ada.linear)
+    normed = ada(frames.to(dt), temb=audio_global.flatten(0, 1)[:, 0].to(dt))
+    out = attn.attend(attn.project_q(normed), *attn.project_kv(audio_local.flatten(0, 1)))
+    return out.unflatten(0, (b, f)).flatten(1, 2)
+
+
+def block_qkv(blk: S2VBlock, x: torch.Tensor, e: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Roped queries, roped keys and values ``[B, S, H, D]`` of a block's self-attention."""
+    h = blk.attn_input(x, e)
+    q = apply_rope(blk.self_attn.project_q(h), cos, sin)
+    k, v = blk.self_attn.project_kv(h)
+    return q, apply_rope(k, cos, sin), v
+
+
+def block_finish(blk: S2VBlock, x: torch.Tensor, parts: tuple[torch.Tensor, ...], e: torch.Tensor,
+                 text_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Merge the two partial self-attentions (sink, ring) and run the rest of the block."""
+    out = merge_attention(*parts).transpose(1, 2).flatten(2)
+    return blk.finish(x, out, e, text_kv)
+
+
+# ----- attention over [sink | ring] without concatenating them --------------------------------------------
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``[B, H, L, D]`` inputs → (output ``[B, H, Lq, D]``, natural-log sum-exp of the
+    scaled scores ``[B, H, Lq]`` float32). The log-sum-exp lets two attentions over disjoint key sets be
+    merged exactly (:func:`merge_attention`)."""
+    lq = q.shape[2]
+    if q.is_cuda:
+        out, lse = _CUDA_LSE_BACKENDS[_cuda_lse_backend(q.dtype)](q, k, v)
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    return out, lse.reshape(q.shape[0], q.shape[1], -1)[..., :lq].float()
+
+
+def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """Attention over the union of two key sets from the attentions over each: the outputs weighted by their
+    share of the total softmax mass, ``sigmoid(lse1 - lse2)`` (exact; float32)."""
+    w = torch.sigmoid(lse1 - lse2).unsqueeze(-1)
+    o2 = o2.float()
+    return o2 + (o1.float() - o2) * w
+
+
+_CUDA_LSE_BACKENDS = {
+    "cudnn": lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2],
+    "flash": lambda q, k, v: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2],
+    "efficient": lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2],
+}
+_CUDA_LSE_CHOICE: dict[torch.dtype, str] = {}
+
+
+def _cuda_lse_backend(dtype: torch.dtype) -> str:
+    """The first LSE-returning CUDA attention kernel (cuDNN, FlashAttention, memory-efficient) that runs here
+    and whose merged result matches plain attention — checked once per dtype on random data, because these
+    private ops' availability and output layouts vary across GPUs and torch versions."""
+    if dtype not in _CUDA_LSE_CHOICE:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k1, k2, v1, v2 = (torch.randn(1, 4, n, 128, device="cuda", dtype=dtype, generator=gen)
+                             for n in (192, 160, 320, 160, 320))
+        ref = F.scaled_dot_product_attention(q.float(), torch.cat([k1, k2], 2).float(), torch.cat([v1, v2], 2).float())
+        errors = {}
+        for name, fn in _CUDA_LSE_BACKENDS.items():
+            try:
+                (o1, l1), (o2, l2) = fn(q, k1, v1), fn(q, k2, v2)
+                b, h, lq = q.shape[:3]
+                got = merge_attention(o1, l1.reshape(b, h, -1)[..., :lq].float(), o2, l2.reshape(b, h, -1)[..., :lq].float())
+                err = float((got - ref).norm() / ref.norm())
+            except RuntimeError as exc:
+                errors[name] = str(exc).splitlines()[0]
+                continue
+            if err < 2e-2:
+                _CUDA_LSE_CHOICE[dtype] = name
+                break
+            errors[name] = f"relative error {err:.3g}"
+        else:
+            raise RuntimeError(f"no CUDA attention kernel with log-sum-exp works for {dtype}: {errors}")
+    return _CUDA_LSE_CHOICE[dtype]
+
+
+def sdpa_backends(device: torch.device):
+    """Context preferring cuDNN attention (then FlashAttention) on CUDA, as upstream does on Hopper."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
 
 
 class FramePackMotioner(nn.Module):
@@ -215,11 +312,14 @@ class AudioTokens:
 
 
 class StepCaches:
-    """KV memory of one stream: per denoising step and layer, a contiguous [sink | ring] buffer.
+    """KV memory of one stream: one sink shared by all denoising steps, and per step and layer a KV ring.
 
     The sink's motion keys are roped once at prefill (their positions never change); the reference keys are
     kept un-roped and re-roped for every block at the rolled position. Ring slots hold roped keys of the last
-    ``kv_cache_frames`` latent frames; memory is fixed at allocation and never grows.
+    ``kv_cache_frames`` latent frames; memory is fixed at allocation and never grows. The sink is identical for
+    every step, so it is stored once (``sink_k``/``sink_v``) and attended separately from the ring, the two
+    results merged by their log-sum-exp: at 704×384 this saves 3 × 2.2 GB against one [sink | ring] buffer
+    per step.
     """
 
     def __init__(self, cfg: DiTConfig, steps: int, tokens_per_frame: int, sink_tokens: int,
@@ -227,14 +327,18 @@ class StepCaches:
         self.tokens_per_frame = tokens_per_frame
         self.sink_tokens = sink_tokens
         self.ring_tokens = cfg.kv_cache_frames * tokens_per_frame
-        shape = (steps, cfg.num_layers, batch, sink_tokens + self.ring_tokens, cfg.num_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.ref_k = torch.zeros((cfg.num_layers, batch, tokens_per_frame) + shape[-2:], device=device, dtype=dtype)
+        heads = (cfg.num_heads, cfg.head_dim)
+        ring = (steps, cfg.num_layers, batch, self.ring_tokens) + heads
+        sink = (cfg.num_layers, batch, sink_tokens) + heads
+        self.k = torch.zeros(ring, device=device, dtype=dtype)
+        self.v = torch.zeros(ring, device=device, dtype=dtype)
+        self.sink_k = torch.zeros(sink, device=device, dtype=dtype)
+        self.sink_v = torch.zeros(sink, device=device, dtype=dtype)
+        self.ref_k = torch.zeros((cfg.num_layers, batch, tokens_per_frame) + heads, device=device, dtype=dtype)
         self.frames_written = [0] * steps
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.ref_k))
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.sink_k, self.sink_v, self.ref_k))
 
 
 class CausalS2VDiT(nn.Module):
@@ -256,6 +360,15 @@ class CausalS2VDiT(nn.Module):
         self.frame_packer = FramePackMotioner(c)
         self.cond_encoder = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
         self.trainable_cond_mask = nn.Embedding(3, c.dim)
+        self._qkv, self._finish, self._inject = block_qkv, block_finish, inject_audio
+        self._rope: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
+
+    def compile_blocks(self, mode: str | None = None) -> None:
+        """``torch.compile`` the per-layer pieces of :meth:`forward_block` (pre-attention, post-attention,
+        audio injector) with static shapes. The pieces take the layer's module as an argument, so one graph
+        serves all layers; KV writes and attention stay outside, where their slice bounds change per block."""
+        kw = {"mode": mode, "dynamic": False}
+        self._qkv, self._finish, self._inject = (torch.compile(fn, **kw) for fn in (block_qkv, block_finish, inject_audio))
 
     # ----- conditioning -------------------------------------------------------------------------------
     def text_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -305,7 +418,8 @@ class CausalS2VDiT(nn.Module):
     def prefill_sink(self, caches: StepCaches, ref_latent: torch.Tensor, motion_latents: torch.Tensor,
                      text_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Run reference + packed motion tokens through all blocks at t = 0 and store their K/V in every
-        step's buffer (reference keys un-roped, motion keys roped)."""
+        step's buffer (reference keys un-roped, motion keys roped). Running it again mid-stream replaces the
+        sink (Live Avatar's "rolling sink" refresh) and leaves the rings untouched."""
         c = self.config
         ref_tokens, (_, hp, wp) = self._patchify(self.patch_embedding, ref_latent)
         mot_tokens, mot_pos = self.frame_packer(motion_latents)
@@ -314,23 +428,22 @@ class CausalS2VDiT(nn.Module):
         mask = self.trainable_cond_mask.weight
         x = torch.cat([ref_tokens + mask[REF_MASK_ID], mot_tokens + mask[MOTION_MASK_ID]], dim=1).float()
         positions = torch.cat([ref_pos, mot_pos], dim=0)
-        cos, sin = (t.to(x.device) for t in rope_cos_sin(positions, c.head_dim, c.rope_theta))
+        cos, sin = (t.to(x.device) for t in rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_fp16_factors))
         _, e0 = self._time(torch.zeros(x.shape[0], device=x.device))
         sink = caches.sink_tokens
         assert x.shape[1] == sink, f"sink token count {x.shape[1]} != allocated {sink}"
-        for layer, blk in enumerate(self.blocks):
-            def attend_self(h: torch.Tensor, layer: int = layer, blk: S2VBlock = blk) -> torch.Tensor:
+        with sdpa_backends(x.device):
+            for layer, blk in enumerate(self.blocks):
+                h = blk.attn_input(x, e0)
                 q = blk.self_attn.project_q(h)
                 k, v = blk.self_attn.project_kv(h)
                 caches.ref_k[layer] = k[:, :n_ref]
                 k_roped = apply_rope(k, cos, sin)
-                caches.k[:, layer, :, :sink] = k_roped
-                caches.v[:, layer, :, :sink] = v
-                return blk.self_attn.attend(apply_rope(q, cos, sin), k_roped, v)
-
-            x = blk(x, e0, attend_self, text_kv[layer])
-        for step in range(len(caches.frames_written)):
-            caches.frames_written[step] = 0
+                caches.sink_k[layer] = k_roped
+                caches.sink_v[layer] = v
+                dt = _dtype(blk.self_attn.o)
+                attn = F.scaled_dot_product_attention(*(t.transpose(1, 2).to(dt) for t in (apply_rope(q, cos, sin), k_roped, v)))
+                x = blk.finish(x, attn.transpose(1, 2).flatten(2), e0, text_kv[layer])
 
     # ----- one denoising step of one block ------------------------------------------------------------
     @torch.no_grad()
@@ -347,33 +460,46 @@ class CausalS2VDiT(nn.Module):
         x, (f, hp, wp) = self._patchify(self.patch_embedding, latents)
         x = (x + self.cond_encoder.bias.to(x.dtype) + self.trainable_cond_mask.weight[NOISY_MASK_ID]).float()
         t_per_frame = hp * wp
-        positions = grid_positions(list(range(block_start, block_start + f)), hp, wp)
-        cos, sin = (t.to(x.device) for t in rope_cos_sin(positions, c.head_dim, c.rope_theta))
-        ref_cos, ref_sin = (t.to(x.device) for t in
-                            rope_cos_sin(grid_positions([self.ref_position(block_start)], hp, wp), c.head_dim, c.rope_theta))
+        cos, sin, ref_cos, ref_sin = self._block_rope(block_start, f, hp, wp, x.device)
         e, e0 = self._time(timestep.to(x.device))
-        sink, ring = caches.sink_tokens, caches.ring_tokens
+        ring = caches.ring_tokens
         slot = (block_start % c.kv_cache_frames) * t_per_frame
         n = x.shape[1]
         assert slot + n <= ring, "block must not straddle the ring end (kv_cache_frames % frames_per_block == 0)"
         written = min(max(caches.frames_written[step], block_start + f) * t_per_frame, ring)
-        for layer, blk in enumerate(self.blocks):
-            def attend_self(h: torch.Tensor, layer: int = layer, blk: S2VBlock = blk) -> torch.Tensor:
-                q = apply_rope(blk.self_attn.project_q(h), cos, sin)
-                k, v = blk.self_attn.project_kv(h)
+        with sdpa_backends(x.device):
+            for layer, blk in enumerate(self.blocks):
+                q, k, v = self._qkv(blk, x, e0, cos, sin)
                 kbuf, vbuf = caches.k[step, layer], caches.v[step, layer]
-                kbuf[:, :t_per_frame] = apply_rope(caches.ref_k[layer], ref_cos, ref_sin)
-                kbuf[:, sink + slot: sink + slot + n] = apply_rope(k, cos, sin)
-                vbuf[:, sink + slot: sink + slot + n] = v
-                return blk.self_attn.attend(q, kbuf[:, :sink + written], vbuf[:, :sink + written])
-
-            x = blk(x, e0, attend_self, text_kv[layer])
-            if layer in self.audio_injector.block_to_injector:
-                idx = self.audio_injector.block_to_injector[layer]
-                x = x + self.audio_injector(idx, x, audio.global_, audio.local).float()
+                kbuf[:, slot: slot + n] = k
+                vbuf[:, slot: slot + n] = v
+                sink_k, sink_v = caches.sink_k[layer], caches.sink_v[layer]
+                sink_k[:, :t_per_frame] = apply_rope(caches.ref_k[layer], ref_cos, ref_sin)
+                qt = q.transpose(1, 2)
+                parts = (*attention_lse(qt, sink_k.transpose(1, 2), sink_v.transpose(1, 2)),
+                         *attention_lse(qt, kbuf[:, :written].transpose(1, 2), vbuf[:, :written].transpose(1, 2)))
+                x = self._finish(blk, x, parts, e0, text_kv[layer])
+                if layer in self.audio_injector.block_to_injector:
+                    idx = self.audio_injector.block_to_injector[layer]
+                    x = x + self._inject(self.audio_injector.injector[idx], self.audio_injector.injector_adain_layers[idx],
+                                         x, audio.global_, audio.local).float()
         caches.frames_written[step] = max(caches.frames_written[step], block_start + f)
         out = self.head(x, e)
         return self._unpatchify(out, (f, hp, wp))
+
+    def _block_rope(self, block_start: int, frames: int, hp: int, wp: int,
+                    device: torch.device) -> tuple[torch.Tensor, ...]:
+        """cos/sin of a block's tokens and of the rolled reference token, kept for the block's other steps
+        (recomputing them means a host-to-device copy, which waits for the GPU, on every step)."""
+        key = (block_start, frames, hp, wp, device)
+        if self._rope is None or self._rope[0] != key:
+            c = self.config
+            positions = grid_positions(list(range(block_start, block_start + frames)), hp, wp)
+            ref = grid_positions([self.ref_position(block_start)], hp, wp)
+            tables = (*rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_fp16_factors),
+                      *rope_cos_sin(ref, c.head_dim, c.rope_theta, c.rope_fp16_factors))
+            self._rope = (key, tuple(t.to(device) for t in tables))
+        return self._rope[1]
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         pt, ph, pw = self.config.patch_size

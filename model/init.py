@@ -10,8 +10,8 @@ def build_random(factory, device: torch.device, dtype: torch.dtype, seed: int) -
     """Construct ``factory()`` on the meta device, materialise it on ``device``/``dtype`` and fill it with
     seeded random values — so a 16B-parameter model never exists in fp32 or on the host."""
     with torch.device("meta"):
-        module = factory()
-    module = module.to_empty(device=device).to(dtype)
+        module = factory().to(dtype)  # cast on meta: materialising in fp32 first would double peak memory
+    module = module.to_empty(device=device)
     init_random_(module, seed)
     return module
 

@@ -23,17 +23,20 @@ def _inv_freq(pairs: int, theta: float) -> torch.Tensor:
     return 1.0 / torch.pow(torch.tensor(theta, dtype=torch.float64), torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
+                 fp16_factors: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for integer positions ``[S, 3]`` (t, h, w) → two float32 tensors ``[S, head_dim // 2]``.
 
-    Negative positions are allowed (Wan uses the complex conjugate, i.e. a negated angle).
+    Negative positions are allowed (Wan uses the complex conjugate, i.e. a negated angle). ``fp16_factors``
+    rounds the factors to float16 first, reproducing Live Avatar's complex32 RoPE table.
     """
     pos = positions.to(torch.float64).cpu()
     parts = []
     for axis, pairs in enumerate(rope_axis_pairs(head_dim)):
         parts.append(torch.outer(pos[:, axis], _inv_freq(pairs, theta)))
     angles = torch.cat(parts, dim=1)
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    factor_dtype = torch.float16 if fp16_factors else torch.float32
+    return torch.cos(angles).to(factor_dtype).float(), torch.sin(angles).to(factor_dtype).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
