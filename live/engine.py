@@ -230,3 +230,13 @@ class StreamEngine:
         for name in ("caches", "decoder", "_text_kv"):
             if hasattr(self, name):
                 delattr(self, name)
+
+
+def create_engine(stack: ModelStack, seed: int | None = None) -> StreamEngine:
+    """The engine for one stream on ``stack``: a :class:`~live.pipeline.PipelineEngine` (this process is rank 0
+    of a step pipeline over ``settings.pipeline.world_size`` GPUs) when that is above 1, else a StreamEngine."""
+    if stack.settings.pipeline.world_size > 1:
+        from .pipeline import PipelineEngine
+
+        return PipelineEngine(stack, seed)
+    return StreamEngine(stack, seed)
