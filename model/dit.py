@@ -336,6 +336,7 @@ class StepCaches:
         self.sink_v = torch.zeros(sink, device=device, dtype=dtype)
         self.ref_k = torch.zeros((cfg.num_layers, batch, tokens_per_frame) + heads, device=device, dtype=dtype)
         self.frames_written = [0] * steps
+        self.ref_roped_for: int | None = None  # block start the sink's reference keys are currently roped for
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.sink_k, self.sink_v, self.ref_k))
@@ -444,6 +445,7 @@ class CausalS2VDiT(nn.Module):
                 dt = _dtype(blk.self_attn.o)
                 attn = F.scaled_dot_product_attention(*(t.transpose(1, 2).to(dt) for t in (apply_rope(q, cos, sin), k_roped, v)))
                 x = blk.finish(x, attn.transpose(1, 2).flatten(2), e0, text_kv[layer])
+        caches.ref_roped_for = None
 
     # ----- one denoising step of one block ------------------------------------------------------------
     @torch.no_grad()
@@ -467,6 +469,7 @@ class CausalS2VDiT(nn.Module):
         n = x.shape[1]
         assert slot + n <= ring, "block must not straddle the ring end (kv_cache_frames % frames_per_block == 0)"
         written = min(max(caches.frames_written[step], block_start + f) * t_per_frame, ring)
+        rope_ref = caches.ref_roped_for != block_start  # the rolled reference position changes once per block
         with sdpa_backends(x.device):
             for layer, blk in enumerate(self.blocks):
                 q, k, v = self._qkv(blk, x, e0, cos, sin)
@@ -474,7 +477,8 @@ class CausalS2VDiT(nn.Module):
                 kbuf[:, slot: slot + n] = k
                 vbuf[:, slot: slot + n] = v
                 sink_k, sink_v = caches.sink_k[layer], caches.sink_v[layer]
-                sink_k[:, :t_per_frame] = apply_rope(caches.ref_k[layer], ref_cos, ref_sin)
+                if rope_ref:
+                    sink_k[:, :t_per_frame] = apply_rope(caches.ref_k[layer], ref_cos, ref_sin)
                 qt = q.transpose(1, 2)
                 parts = (*attention_lse(qt, sink_k.transpose(1, 2), sink_v.transpose(1, 2)),
                          *attention_lse(qt, kbuf[:, :written].transpose(1, 2), vbuf[:, :written].transpose(1, 2)))
@@ -484,6 +488,7 @@ class CausalS2VDiT(nn.Module):
                     x = x + self._inject(self.audio_injector.injector[idx], self.audio_injector.injector_adain_layers[idx],
                                          x, audio.global_, audio.local).float()
         caches.frames_written[step] = max(caches.frames_written[step], block_start + f)
+        caches.ref_roped_for = block_start
         out = self.head(x, e)
         return self._unpatchify(out, (f, hp, wp))
 
