@@ -49,3 +49,30 @@ def make_speechlike(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndar
     t = np.arange(int(seconds * rate)) / rate
     env = (np.sin(2 * np.pi * 3.0 * t) > 0).astype(np.float32) * 0.3
     return (rng.standard_normal(t.size).astype(np.float32) * env).astype(np.float32)
+
+
+# ----- live server fixtures (signaling/, live/session.py, live/client.py) --------------------------------
+@pytest.fixture(scope="session")
+def server_url():
+    """A real server (built-in tiny profile, max_sessions 2) in its own process on a free loopback port.
+
+    Its log goes to artifacts/server-tests.log; it is interrupted (graceful shutdown) at the end.
+    """
+    from live.server_process import ServerProcess
+    from live.settings import load_settings
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with open(ARTIFACTS / "server-tests.log", "w") as log:
+        try:
+            with ServerProcess(load_settings("configs/tiny.yaml"), log=log) as url:
+                yield url
+        except (RuntimeError, TimeoutError) as exc:
+            pytest.fail(f"{exc}; see {ARTIFACTS / 'server-tests.log'}")
+
+
+@pytest.fixture(scope="session")
+def speech_16k(speech_wav):
+    """The speech fixture decoded to 16 kHz mono float32 (what the server's engine hears)."""
+    from live.media import read_audio_16k
+
+    return read_audio_16k(speech_wav)

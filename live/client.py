@@ -1,0 +1,229 @@
+"""`live-avatar client` and the peers tests and benchmarks use: a talker over /ws, a WHIP publisher, a WHEP viewer.
+
+Each is a real aiortc peer: the talker streams an audio file as its microphone in real time and records the avatar
+video and audio it gets back (see :mod:`live.recording` for the measurements).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import aiohttp
+import numpy as np
+import websockets
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+from .file_track import FileMicTrack
+from .media import MediaError, read_audio_16k
+from .recording import Recorder, SyncReport
+
+TAIL_S = 3.0
+CONNECT_TIMEOUT_S = 30.0
+
+
+class ClientError(RuntimeError):
+    """The server refused or the connection failed; the message says why."""
+
+
+@dataclass
+class TalkResult:
+    """Outcome of one talker session."""
+
+    session_id: str
+    report: SyncReport
+    out: Path | None
+    server_messages: list[dict]
+
+
+def _ws_url(server: str) -> str:
+    parts = urlsplit(server if "://" in server else f"http://{server}")
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    return urlunsplit((scheme, parts.netloc, "/ws", "", ""))
+
+
+def _http_url(server: str, path: str) -> str:
+    parts = urlsplit(server if "://" in server else f"http://{server}")
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    return urljoin(urlunsplit((scheme, parts.netloc, "/", "", "")), path)
+
+
+def new_peer() -> RTCPeerConnection:
+    """A peer connection without STUN (loopback and LAN need none; an unreachable STUN server only adds delay)."""
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+async def _connected(pc: RTCPeerConnection, timeout: float) -> float:
+    """Wait for the ICE/DTLS connection; returns the wall time it came up."""
+    done = asyncio.get_running_loop().create_future()
+
+    def changed() -> None:
+        if pc.connectionState == "connected" and not done.done():
+            done.set_result(time.time())
+        elif pc.connectionState in ("failed", "closed") and not done.done():
+            done.set_exception(ClientError(f"peer connection {pc.connectionState}"))
+
+    pc.on("connectionstatechange", changed)
+    changed()
+    return await asyncio.wait_for(done, timeout)
+
+
+async def talk(server: str, audio: Path, seconds: float | None = None, out: Path | None = None,
+               image: str | None = None, prompt: str = "") -> TalkResult:
+    """Drive a session over /ws with ``audio`` as the microphone for ``seconds`` (default: the audio + a tail),
+    record what comes back (to ``out`` if given) and measure it."""
+    pcm = read_audio_16k(Path(audio))
+    duration = seconds if seconds is not None else pcm.shape[0] / 16000 + TAIL_S
+    pc = new_peer()
+    mic = FileMicTrack(pcm)
+    pc.addTransceiver(mic, direction="sendrecv")
+    pc.addTransceiver("video", direction="recvonly")
+    recorder = Recorder(max_seconds=duration + 30, work_path=out)
+    messages: list[dict] = []
+    try:
+        async with websockets.connect(_ws_url(server), max_size=2**20, open_timeout=CONNECT_TIMEOUT_S) as ws:
+            await pc.setLocalDescription(await pc.createOffer())
+            await ws.send(json.dumps({"type": "offer", "sdp": pc.localDescription.sdp, "image": image,
+                                      "prompt": prompt}))
+            answer = await _await_answer(ws, messages)
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+            recorder.attach(pc)
+            listener = asyncio.ensure_future(_collect(ws, messages))
+            started = await _connected(pc, CONNECT_TIMEOUT_S)
+            ended = asyncio.ensure_future(_wait_ended(messages))
+            await asyncio.wait([ended], timeout=duration)
+            stopped = time.time()
+            ended.cancel()
+            if not any(m.get("type") == "ended" for m in messages):
+                await ws.send(json.dumps({"type": "bye"}))
+            listener.cancel()
+    except (OSError, websockets.exceptions.WebSocketException, asyncio.TimeoutError) as exc:
+        raise ClientError(f"cannot talk to {server}: {exc.__class__.__name__}: {exc}") from exc
+    finally:
+        await recorder.stop()
+        await pc.close()
+    report = recorder.report(pcm, mic.spoken_at, float(answer["fps"]), started, stopped)
+    saved = recorder.save(out) if out is not None else None
+    return TalkResult(answer["session_id"], report, saved, messages)
+
+
+async def _await_answer(ws, messages: list[dict]) -> dict:
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), CONNECT_TIMEOUT_S))
+        messages.append(msg)
+        if msg.get("type") == "answer":
+            return msg
+        if msg.get("type") == "error":
+            raise ClientError(f"server refused: {msg.get('message')}")
+
+
+async def _collect(ws, messages: list[dict]) -> None:
+    try:
+        async for raw in ws:
+            messages.append(json.loads(raw))
+    except websockets.exceptions.ConnectionClosed:
+        pass
+
+
+async def _wait_ended(messages: list[dict]) -> None:
+    while not any(m.get("type") == "ended" for m in messages):
+        await asyncio.sleep(0.1)
+
+
+class WhipPublisher:
+    """A WHIP client: sends an audio file as the voice of a new session (RFC 9725)."""
+
+    def __init__(self, server: str, audio: np.ndarray) -> None:
+        """Prepare to publish ``audio`` (16 kHz float32) to ``server``."""
+        self.server = server
+        self.mic = FileMicTrack(audio)
+        self.pc = new_peer()
+        self.pc.addTransceiver(self.mic, direction="sendonly")
+        self.location: str | None = None
+
+    @property
+    def session_id(self) -> str:
+        """The session id from the resource URL."""
+        if self.location is None:
+            raise RuntimeError("not published")
+        return self.location.rstrip("/").rsplit("/", 1)[-1]
+
+    async def start(self, query: str = "") -> None:
+        """POST the offer; raises :class:`ClientError` with the server's message if refused."""
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async with aiohttp.ClientSession() as http:
+            async with http.post(_http_url(self.server, "/whip" + query), data=self.pc.localDescription.sdp,
+                                 headers={"Content-Type": "application/sdp"}) as resp:
+                body = await resp.text()
+                if resp.status != 201:
+                    raise ClientError(f"WHIP refused ({resp.status}): {body}")
+                self.location = resp.headers["Location"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+        await _connected(self.pc, CONNECT_TIMEOUT_S)
+
+    async def stop(self) -> int:
+        """DELETE the resource and close; returns the HTTP status of the DELETE."""
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.delete(_http_url(self.server, self.location)) as resp:
+                    return resp.status
+        finally:
+            await self.pc.close()
+
+
+class WhepViewer:
+    """A WHEP client: watches a session and records what it receives."""
+
+    def __init__(self, server: str, session_id: str, max_seconds: float = 120.0) -> None:
+        """Prepare to watch ``session_id`` on ``server``."""
+        self.server = server
+        self.session_id = session_id
+        self.pc = new_peer()
+        self.pc.addTransceiver("video", direction="recvonly")
+        self.pc.addTransceiver("audio", direction="recvonly")
+        self.recorder = Recorder(max_seconds=max_seconds)
+        self.location: str | None = None
+        self.connected_at: float | None = None
+
+    async def start(self) -> None:
+        """POST the offer and start receiving; raises :class:`ClientError` if refused."""
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async with aiohttp.ClientSession() as http:
+            async with http.post(_http_url(self.server, f"/whep/{self.session_id}"),
+                                 data=self.pc.localDescription.sdp,
+                                 headers={"Content-Type": "application/sdp"}) as resp:
+                body = await resp.text()
+                if resp.status != 201:
+                    raise ClientError(f"WHEP refused ({resp.status}): {body}")
+                self.location = resp.headers["Location"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+        self.recorder.attach(self.pc)
+        self.connected_at = await _connected(self.pc, CONNECT_TIMEOUT_S)
+
+    async def stop(self) -> int:
+        """DELETE the viewer resource and close; returns the HTTP status of the DELETE."""
+        await self.recorder.stop()
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.delete(_http_url(self.server, self.location)) as resp:
+                    return resp.status
+        finally:
+            await self.pc.close()
+
+
+def run_client(server: str, audio: Path, out: Path, seconds: float | None) -> int:
+    """`live-avatar client`: talk to ``server`` with ``audio`` as the mic, record to ``out``; returns an exit code."""
+    try:
+        result = asyncio.run(talk(server, Path(audio), seconds, Path(out)))
+    except (ClientError, MediaError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    summary = result.report.summary()
+    print(f"session {result.session_id}: wrote {result.out}")
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,114 @@
+"""One WebRTC peer connection of a session (talker, WHIP ingest or WHEP viewer) and SDP negotiation."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.sdp import SessionDescription
+
+MAX_SDP_BYTES = 64 * 1024
+
+
+class OfferError(ValueError):
+    """An SDP offer is malformed or lacks what the endpoint needs."""
+
+
+def parse_offer(sdp: str, need: tuple[str, ...] = ()) -> SessionDescription:
+    """Check an SDP offer before any peer is created: size, syntax, and the media kinds in ``need``."""
+    if not sdp or not sdp.strip():
+        raise OfferError("empty SDP offer")
+    if len(sdp.encode()) > MAX_SDP_BYTES:
+        raise OfferError(f"SDP offer is larger than {MAX_SDP_BYTES} bytes")
+    if not sdp.lstrip().startswith("v=0"):
+        raise OfferError("not an SDP offer (it must start with 'v=0')")
+    try:
+        desc = SessionDescription.parse(sdp)
+    except Exception as exc:  # aiortc's parser raises whatever the malformed line provokes
+        raise OfferError(f"malformed SDP offer: {exc.__class__.__name__}: {exc}") from exc
+    kinds = {m.kind for m in desc.media}
+    for kind in need:
+        if kind not in kinds:
+            raise OfferError(f"SDP offer has no {kind} section")
+    return desc
+
+
+class PeerLink:
+    """An ``RTCPeerConnection`` with a role, an id and a notion of liveness.
+
+    Liveness is the wall time of the latest sign of the remote peer: RTCP receiver reports on our senders (the
+    peer is watching) or :meth:`touch` (mic audio arrived, a signaling message came in).
+    """
+
+    def __init__(self, role: str, on_gone: Callable[["PeerLink", str], None]) -> None:
+        """Create the connection; ``on_gone(link, reason)`` runs once when ICE/DTLS fails or it closes."""
+        self.role = role
+        self.id = secrets.token_urlsafe(8)
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.created = time.time()
+        self.last_seen = self.created
+        self._on_gone = on_gone
+        self._gone = False
+        self._drains: set[asyncio.Task] = set()
+        self.pc.on("connectionstatechange", self._state_changed)
+
+    def touch(self) -> None:
+        """Record a sign of life from the remote peer."""
+        self.last_seen = time.time()
+
+    async def last_activity(self) -> float:
+        """Wall time of the latest sign of life (receiver reports included)."""
+        latest = self.last_seen
+        for sender in self.pc.getSenders():
+            if sender.track is None:
+                continue
+            for stats in (await sender.getStats()).values():
+                if stats.type == "remote-inbound-rtp":
+                    latest = max(latest, stats.timestamp.timestamp())
+        return latest
+
+    async def answer(self, offer_sdp: str, refuse: tuple[str, ...] = ()) -> str:
+        """Apply the remote offer and return our complete answer (aiortc gathers candidates before answering).
+
+        Offered media of the kinds in ``refuse`` that we do not send are answered ``inactive``, so the peer does
+        not spend bandwidth on them (e.g. OBS's video on a WHIP ingest that only needs the voice).
+        """
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except Exception as exc:  # aiortc raises ValueError/OperationError/... for unusable offers
+            raise OfferError(f"unusable SDP offer: {exc}") from exc
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.kind in refuse and transceiver.sender.track is None:
+                transceiver.direction = "inactive"
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        return self.pc.localDescription.sdp
+
+    def drain(self, track: MediaStreamTrack) -> None:
+        """Read and discard a remote track we do not use, so its frames never pile up."""
+        async def run() -> None:
+            try:
+                while True:
+                    await track.recv()
+            except MediaStreamError:
+                pass
+
+        task = asyncio.ensure_future(run())
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def close(self) -> None:
+        """Close the connection (idempotent); ``on_gone`` is not called for a close we started."""
+        self._gone = True
+        for task in list(self._drains):
+            task.cancel()
+        await self.pc.close()
+
+    async def _state_changed(self) -> None:
+        state = self.pc.connectionState
+        if state in ("failed", "closed") and not self._gone:
+            self._gone = True
+            self._on_gone(self, f"peer connection {state}")

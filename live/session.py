@@ -1,0 +1,366 @@
+"""Sessions: one avatar stream each — its engine on a worker, its clock, input timeline, output and peers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from PIL import Image
+
+from .audio_feed import SAMPLE_RATE, AudioFeed
+from .clock import SessionClock
+from .metrics import LiveGauges, RateMeter, ServerMetrics, SessionGauges
+from .output import SessionOutput
+from .peer import PeerLink
+from .settings import Settings
+from .tracks import AvatarAudioTrack, AvatarVideoTrack, configure_aiortc, prefer_h264
+from .worker import EngineHandle, EngineWorker, worker_devices
+
+log = logging.getLogger(__name__)
+
+MIC_GRACE_S = 3.0
+INPUT_SLACK_S = 0.06
+MAX_LEAD_S = 0.2
+OUTPUT_MARGIN_FRAMES = 2
+HISTORY_MARGIN_S = 1.0
+MAX_VIEWERS = 8
+REAP_INTERVAL_S = 0.5
+ENGINE_CLOSE_TIMEOUT_S = 30.0
+
+
+class AdmissionError(RuntimeError):
+    """No session can be started now (the server is full or the model is not loaded)."""
+
+
+class ViewerLimit(RuntimeError):
+    """A session already has the maximum number of viewers."""
+
+
+@dataclass
+class SessionOptions:
+    """What a new session looks like: reference image (None = built-in character) and prompt."""
+
+    image: Image.Image | None = None
+    image_name: str = "default"
+    prompt: str = ""
+
+
+class Session:
+    """One avatar stream, from its talker's mic (WebSocket talker or WHIP ingest) to any number of viewers.
+
+    Everything a session holds — engine (on its worker), tasks, peer connections — is released by :meth:`close`,
+    whether the peer said goodbye, vanished (the manager's reaper) or the engine failed.
+    """
+
+    def __init__(self, manager: "SessionManager", kind: str, options: SessionOptions, handle: EngineHandle,
+                 delay_s: float) -> None:
+        """Wire a started engine to a new clock, input timeline and output; starts the output pump."""
+        eng = handle.engine
+        self.id = secrets.token_urlsafe(9)
+        self.kind = kind
+        self.options = options
+        self.created = time.time()
+        self.handle = handle
+        self._manager = manager
+        self._metrics = manager.metrics
+        self.clock = SessionClock()
+        self.feed = AudioFeed(
+            fps=eng.fps, push=self._push_audio, generated=lambda: handle.frames_generated,
+            max_backlog_frames=math.ceil(delay_s * eng.fps) + eng.frames_per_block,
+            history_s=delay_s + MAX_LEAD_S + HISTORY_MARGIN_S, mic_grace_s=MIC_GRACE_S,
+            fill_slack_s=INPUT_SLACK_S, max_lead_s=MAX_LEAD_S, metrics=self._metrics)
+        self.output = SessionOutput(self.clock, eng.fps, self.feed, eng.ring, eng.width, eng.height, delay_s,
+                                    self._metrics, on_input=handle.worker.wake)
+        self.talker: PeerLink | None = None
+        self.viewers: dict[str, PeerLink] = {}
+        self.ended = asyncio.Event()
+        self.end_reason = ""
+        self._closing = False
+        self._tasks: set[asyncio.Task] = set()
+        self._generated_meter = RateMeter()
+        self._generated_seen = 0
+        loop = asyncio.get_running_loop()
+        handle.on_error = lambda exc: loop.call_soon_threadsafe(
+            self.spawn, self.close(f"engine error: {exc.__class__.__name__}: {exc}"))
+        self.spawn(self.output.run())
+
+    # ----- peers ----------------------------------------------------------------------------------------
+    async def connect_talker(self, offer_sdp: str) -> str:
+        """The talker's peer: its mic drives the avatar and it receives the avatar. Returns the SDP answer."""
+        link = PeerLink("talker", self._talker_gone)
+        video, audio = AvatarVideoTrack(self.output), AvatarAudioTrack(self.output)
+        prefer_h264(link.pc.addTransceiver(video, direction="sendonly"))
+        link.pc.addTransceiver(audio, direction="sendrecv")
+        return await self._connect(link, offer_sdp, refuse=())
+
+    async def connect_ingest(self, offer_sdp: str) -> str:
+        """A WHIP peer: its audio drives the avatar, it receives nothing. Returns the SDP answer."""
+        return await self._connect(PeerLink("ingest", self._talker_gone), offer_sdp, refuse=("video",))
+
+    async def add_viewer(self, offer_sdp: str) -> tuple[PeerLink, str]:
+        """A WHEP viewer of this session. Returns its link and the SDP answer."""
+        if len(self.viewers) >= MAX_VIEWERS:
+            raise ViewerLimit(f"session {self.id} already has {MAX_VIEWERS} viewers")
+        link = PeerLink("viewer", lambda lk, reason: self.spawn(self.remove_viewer(lk.id)))
+        prefer_h264(link.pc.addTransceiver(AvatarVideoTrack(self.output), direction="sendonly"))
+        link.pc.addTransceiver(AvatarAudioTrack(self.output), direction="sendonly")
+        try:
+            answer = await link.answer(offer_sdp)
+        except BaseException:
+            await link.close()
+            raise
+        self.viewers[link.id] = link
+        return link, answer
+
+    async def remove_viewer(self, viewer_id: str) -> bool:
+        """Close one viewer; False if there is no such viewer."""
+        link = self.viewers.pop(viewer_id, None)
+        if link is None:
+            return False
+        await link.close()
+        return True
+
+    async def _connect(self, link: PeerLink, offer_sdp: str, refuse: tuple[str, ...]) -> str:
+        link.pc.on("track", lambda track: self._remote_track(link, track))
+        self.talker = link
+        try:
+            return await link.answer(offer_sdp, refuse=refuse)
+        except BaseException:
+            self.talker = None
+            await link.close()
+            raise
+
+    def _talker_gone(self, link: PeerLink, reason: str) -> None:
+        self.spawn(self.close(reason))
+
+    def _remote_track(self, link: PeerLink, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and not any(t.get_name() == "mic" for t in self._tasks):
+            self.spawn(self._read_mic(link, track), name="mic")
+        else:
+            link.drain(track)
+
+    async def _read_mic(self, link: PeerLink, track: MediaStreamTrack) -> None:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        try:
+            while True:
+                frame = await track.recv()
+                link.touch()
+                for out in resampler.resample(frame):
+                    self.feed.add_mic(out.to_ndarray().reshape(-1), self.clock.now())
+                self.handle.worker.wake()
+        except MediaStreamError:
+            pass
+
+    def _push_audio(self, pcm: np.ndarray) -> None:
+        if not self.handle.closing:
+            self.handle.engine.push_audio(pcm)
+
+    # ----- control --------------------------------------------------------------------------------------
+    def set_prompt(self, prompt: str) -> None:
+        """Change the prompt; it takes effect at the next block."""
+        self.options.prompt = prompt
+        self.handle.engine.set_prompt(prompt)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task:
+        """Run ``coro`` as a task owned by this session (cancelled when it closes)."""
+        task = asyncio.ensure_future(coro)
+        if name is not None:
+            task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` has begun."""
+        return self._closing
+
+    async def last_activity(self) -> float:
+        """Wall time of the latest sign of life of the talker (mic audio, signaling, receiver reports)."""
+        return await self.talker.last_activity() if self.talker is not None else self.created
+
+    async def close(self, reason: str) -> None:
+        """End the session and free everything it holds (idempotent)."""
+        if self._closing:
+            return
+        self._closing = True
+        self.end_reason = reason
+        log.info("session %s closed: %s", self.id, reason)
+        self.output.close()
+        self.handle.close()
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        links = [lk for lk in (self.talker, *self.viewers.values()) if lk is not None]
+        self.viewers.clear()
+        await asyncio.gather(*(lk.close() for lk in links), return_exceptions=True)
+        try:
+            # The engine closes on its worker thread, after any block it is running.
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.handle.closed)), ENGINE_CLOSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.error("session %s: engine did not close within %s s", self.id, ENGINE_CLOSE_TIMEOUT_S)
+        self._manager.forget(self)
+        self.ended.set()
+
+    # ----- reporting ------------------------------------------------------------------------------------
+    def info(self) -> dict:
+        """The session as /health shows it."""
+        delay = self.output.output_delay_s
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "age_s": round(time.time() - self.created, 1),
+            "image": self.options.image_name,
+            "prompt": self.options.prompt,
+            "viewers": len(self.viewers),
+            "input_started": self.feed.origin is not None,
+            "latency_s": None if delay is None else round(delay, 3),
+            "frames_generated": self.handle.frames_generated,
+            "frames_sent": self.output.frames_sent,
+            "frames_repeated": self.output.frames_repeated,
+            "size": [self.handle.engine.width, self.handle.engine.height],
+        }
+
+    def gauges(self) -> SessionGauges:
+        """Live values for /metrics."""
+        generated = self.handle.frames_generated
+        self._generated_meter.add(generated - self._generated_seen)
+        self._generated_seen = generated
+        delay = self.output.output_delay_s
+        return SessionGauges(
+            session_id=self.id,
+            viewers=len(self.viewers) + (1 if self.talker is not None and self.talker.role == "talker" else 0),
+            ring_frames=len(self.handle.engine.ring),
+            generated_fps=self._generated_meter.rate(),
+            sent_fps=self.output.sent_meter.rate(),
+            mouth_to_photon_s=self.output.delay_s if delay is None else delay,
+        )
+
+
+class SessionManager:
+    """Owns the engine workers and every session; enforces ``max_sessions`` and reaps vanished peers."""
+
+    def __init__(self, settings: Settings, metrics: ServerMetrics) -> None:
+        """One worker per device of ``settings``; nothing starts until :meth:`start`."""
+        self.settings = settings
+        self.metrics = metrics
+        self.workers = [EngineWorker(settings.model_copy(update={"device": d}), metrics)
+                        for d in worker_devices(settings)]
+        self.sessions: dict[str, Session] = {}
+        self._starting = 0
+        self._reaper: asyncio.Task | None = None
+        metrics.bind_live(self.live_gauges)
+
+    async def start(self) -> None:
+        """Load the models (on the worker threads) and start reaping."""
+        configure_aiortc(self.settings.video.fps)
+        for worker in self.workers:
+            worker.start()
+        results = await asyncio.gather(*(w.wait_ready() for w in self.workers), return_exceptions=True)
+        for worker, result in zip(self.workers, results):
+            if isinstance(result, BaseException):
+                log.error("worker %s failed to load the model: %s", worker.device, result)
+        self._reaper = asyncio.ensure_future(self._reap_forever())
+
+    async def stop(self) -> None:
+        """Close every session and stop the workers."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await asyncio.gather(*(s.close("server shutting down") for s in list(self.sessions.values())),
+                             return_exceptions=True)
+        await asyncio.gather(*(asyncio.to_thread(w.stop) for w in self.workers))
+
+    async def create(self, kind: str, options: SessionOptions) -> Session:
+        """Start a session's engine on the least loaded worker; raises :class:`AdmissionError` when full."""
+        limit = self.settings.server.max_sessions
+        if len(self.sessions) + self._starting >= limit:
+            self.metrics.sessions_rejected.inc()
+            raise AdmissionError(f"server is full: {limit} of {limit} sessions are running; try again later")
+        ready = [w for w in self.workers if w.ready]
+        if not ready:
+            errors = [f"{w.device}: {w.load_error}" for w in self.workers if w.load_error is not None]
+            raise AdmissionError("model failed to load (" + "; ".join(errors) + ")" if errors
+                                 else "model is still loading; try again in a moment")
+        worker = min(ready, key=lambda w: w.engines)
+        self._starting += 1
+        try:
+            handle = await worker.open(options.image, options.prompt, self.settings.seed)
+        finally:
+            self._starting -= 1
+        session = Session(self, kind, options, handle, self._delay_s(worker, handle))
+        self.sessions[session.id] = session
+        self.metrics.sessions_started.inc()
+        log.info("session %s started (%s), output delay %.3f s", session.id, kind, session.output.delay_s)
+        return session
+
+    def get(self, session_id: str) -> Session | None:
+        """The running session with this id, if any."""
+        return self.sessions.get(session_id)
+
+    def forget(self, session: Session) -> None:
+        """Called by a closing session."""
+        self.sessions.pop(session.id, None)
+
+    def _delay_s(self, worker: EngineWorker, handle: EngineHandle) -> float:
+        """Output delay: the engine's lookahead + block, worst-case compute with the worker shared by its share of
+        ``max_sessions``, input slack and a margin of frames."""
+        eng = handle.engine
+        sharing = math.ceil(self.settings.server.max_sessions / len(self.workers))
+        return (eng.latency_s + worker.block_estimate_s() * sharing + INPUT_SLACK_S
+                + OUTPUT_MARGIN_FRAMES / eng.fps)
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            await asyncio.gather(*(self._reap(s) for s in list(self.sessions.values())))
+
+    async def _reap(self, session: Session) -> None:
+        """Close the session if its talker went quiet, and drop viewers that did."""
+        limit = self.settings.server.reap_after_s
+        if session.closing:
+            return
+        try:
+            now = time.time()
+            if now - await session.last_activity() > limit:
+                self.metrics.sessions_reaped.inc()
+                await session.close(f"peer vanished: nothing heard from it for {limit:g} s")
+                return
+            for vid, link in list(session.viewers.items()):
+                if now - await link.last_activity() > limit:
+                    await session.remove_viewer(vid)
+        except Exception:  # noqa: BLE001 - the reaper must outlive any one session
+            log.exception("reaping session %s failed", session.id)
+
+    def live_gauges(self) -> LiveGauges:
+        """Scrape-time values for /metrics."""
+        return LiveGauges(sessions=[s.gauges() for s in self.sessions.values()],
+                          engines_by_device={w.device: w.engines for w in self.workers})
+
+    def health(self) -> dict:
+        """The body of GET /health."""
+        failed = [w for w in self.workers if w.load_error is not None]
+        status = "error" if failed else ("ok" if all(w.ready for w in self.workers) else "starting")
+        s = self.settings
+        return {
+            "status": status,
+            "config": s.name,
+            "source": str(s.source) if s.source else None,
+            "model": {"fps": s.video.fps, "size_area": s.video.size_area, "steps": s.stream.steps,
+                      "weights": str(s.checkpoint_dir) if s.checkpoint_dir else "random"},
+            "max_sessions": s.server.max_sessions,
+            "workers": [{"device": w.device, "ready": w.ready, "engines": w.engines,
+                         "block_s": round(w.block_estimate_s(), 4),
+                         **({"error": str(w.load_error)} if w.load_error is not None else {})}
+                        for w in self.workers],
+            "sessions": [sess.info() for sess in self.sessions.values()],
+        }

@@ -1,0 +1,69 @@
+"""The HTTP application: every endpoint on one port, and :func:`serve` to run it."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from live.metrics import ServerMetrics
+from live.session import SessionManager
+from live.settings import Settings
+
+from . import http, whep, whip, ws
+from .images import ImageStore
+from .state import STATE, ServerState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the application; the models load (on worker threads) when it starts up."""
+    metrics = ServerMetrics()
+    state = ServerState(settings=settings, manager=SessionManager(settings, metrics), metrics=metrics,
+                        images=ImageStore(settings.server.max_upload_bytes, settings.server.max_image_side))
+    app = web.Application(middlewares=[http.json_errors])
+    app[STATE] = state
+
+    async def start(app: web.Application) -> None:
+        await state.manager.start()
+
+    async def stop(app: web.Application) -> None:
+        await state.manager.stop()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+    app.add_routes([
+        web.get("/", http.index),
+        web.get("/view/{session}", http.view),
+        web.get("/ws", ws.websocket),
+        web.post("/whip", whip.publish),
+        web.delete("/whip/{session}", whip.end),
+        web.patch("/whip/{session}", whip.patch),
+        web.post("/whep/{session}", whep.play),
+        web.delete("/whep/{session}/{viewer}", whep.stop),
+        web.patch("/whep/{session}/{viewer}", whep.patch),
+        web.get("/health", http.health),
+        web.get("/metrics", http.metrics),
+        web.post("/api/images", http.upload_image),
+        web.get("/api/samples", http.samples),
+        web.get("/samples/{name}.png", http.sample_file),
+        web.static("/static", http.WEB_DIR, follow_symlinks=False),
+    ])
+    return app
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    """Serve until interrupted; prints the URL to open once the model is loaded."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{shown}:{port}/"
+
+    def ready(_: str) -> None:
+        print(f"live-avatar: serving {settings.name} on {host}:{port} — open {url} and press Start", flush=True)
+        if shown not in ("127.0.0.1", "localhost", "::1"):
+            print("live-avatar: browsers allow the microphone only on https:// or localhost; "
+                  "put a TLS proxy in front to talk from another machine", flush=True)
+
+    web.run_app(create_app(settings), host=host, port=port, print=ready, access_log=None)

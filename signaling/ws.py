@@ -1,0 +1,237 @@
+"""WebSocket signaling at /ws: JSON messages for offer/answer, ICE candidates, prompt changes and goodbye.
+
+Client → server::
+
+    {"type": "offer", "sdp": "...", "image": "<sample name | upload id | null>", "prompt": "..."}
+    {"type": "candidate", "candidate": "candidate:...", "sdpMid": "0", "sdpMLineIndex": 0}
+    {"type": "prompt", "prompt": "..."}          (mid-session; takes effect at the next block)
+    {"type": "bye"}
+
+Server → client: ``answer`` (with ``session_id``), ``stats`` (every second), ``prompt`` (ack), ``ended``
+(with ``reason``) and ``error`` (with ``message``). An error never closes the connection; only messages larger
+than the protocol limit do (close code 1009).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Annotated, Literal, Union
+
+from aiohttp import WSMsgType, web
+from aiortc.sdp import candidate_from_sdp
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from live.peer import MAX_SDP_BYTES, OfferError, parse_offer
+from live.session import AdmissionError, Session
+from live.worker import WorkerBusy
+
+from .images import MAX_PROMPT_CHARS, resolve_options
+from .state import STATE, ServerState
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 96 * 1024
+PROTOCOL_MAX_MESSAGE_BYTES = 1024 * 1024
+HEARTBEAT_S = 5.0
+STATS_INTERVAL_S = 1.0
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class OfferMessage(_Message):
+    """Start a session: the browser's SDP offer plus session options."""
+
+    type: Literal["offer"]
+    sdp: str = Field(max_length=MAX_SDP_BYTES)
+    image: str | None = Field(None, max_length=200)
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+
+
+class CandidateMessage(_Message):
+    """A trickled ICE candidate of the client (null/empty candidate = end of candidates)."""
+
+    type: Literal["candidate"]
+    candidate: str | None = Field(None, max_length=2048)
+    sdpMid: str | None = None
+    sdpMLineIndex: int | None = None
+
+
+class PromptMessage(_Message):
+    """Change the prompt mid-session."""
+
+    type: Literal["prompt"]
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class ByeMessage(_Message):
+    """End the session."""
+
+    type: Literal["bye"]
+
+
+ClientMessage = TypeAdapter(Annotated[Union[OfferMessage, CandidateMessage, PromptMessage, ByeMessage],
+                                      Field(discriminator="type")])
+MESSAGE_TYPES = ("offer", "candidate", "prompt", "bye")
+
+
+def describe(exc: ValidationError) -> str:
+    """One readable line for a message that does not validate."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"][1:]) or "message"
+    return f"{where}: {first['msg']}"
+
+
+class _Connection:
+    """One signaling connection; it owns at most one session at a time."""
+
+    def __init__(self, ws: web.WebSocketResponse, state: ServerState) -> None:
+        self.ws = ws
+        self.state = state
+        self.session: Session | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def send(self, payload: dict) -> None:
+        if self.ws.closed:
+            return
+        try:
+            await self.ws.send_json(payload)
+        except (ConnectionError, RuntimeError):
+            pass
+
+    async def error(self, message: str) -> None:
+        await self.send({"type": "error", "message": message})
+
+    async def handle(self, text: str) -> None:
+        if len(text) > MAX_MESSAGE_BYTES:
+            await self.error(f"message of {len(text)} bytes is larger than the {MAX_MESSAGE_BYTES}-byte limit")
+            return
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            await self.error(f"not valid JSON: {exc}")
+            return
+        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+            await self.error('each message must be a JSON object with a "type" field')
+            return
+        if data["type"] not in MESSAGE_TYPES:
+            await self.error(f"unknown message type {data['type']!r}; expected one of {', '.join(MESSAGE_TYPES)}")
+            return
+        try:
+            msg = ClientMessage.validate_python(data)
+        except ValidationError as exc:
+            await self.error(f"invalid {data['type']} message: {describe(exc)}")
+            return
+        if isinstance(msg, OfferMessage):
+            await self.offer(msg)
+        elif isinstance(msg, CandidateMessage):
+            await self.candidate(msg)
+        elif isinstance(msg, PromptMessage):
+            await self.prompt(msg)
+        else:
+            await self.end("bye")
+
+    async def offer(self, msg: OfferMessage) -> None:
+        if self.session is not None:
+            await self.error("this connection already has a session; send bye first or open a new connection")
+            return
+        try:
+            parse_offer(msg.sdp, need=("audio", "video"))
+            options = await resolve_options(self.state.images, msg.image, msg.prompt)
+        except (OfferError, ValueError) as exc:
+            await self.error(str(exc))
+            return
+        try:
+            session = await self.state.manager.create("ws", options)
+        except (AdmissionError, WorkerBusy) as exc:
+            await self.error(str(exc))
+            return
+        try:
+            answer = await session.connect_talker(msg.sdp)
+        except OfferError as exc:
+            await session.close("offer rejected")
+            await self.error(str(exc))
+            return
+        self.session = session
+        await self.send({
+            "type": "answer", "sdp": answer, "session_id": session.id, "view_url": f"/view/{session.id}",
+            "fps": session.output.fps, "width": session.handle.engine.width,
+            "height": session.handle.engine.height, "latency_s": round(session.output.delay_s, 3),
+        })
+        self._spawn(self._report(session))
+
+    async def candidate(self, msg: CandidateMessage) -> None:
+        if self.session is None or self.session.talker is None:
+            await self.error("no session yet: send an offer before ICE candidates")
+            return
+        if not msg.candidate:
+            return
+        try:
+            cand = candidate_from_sdp(msg.candidate.removeprefix("candidate:"))
+        except (ValueError, IndexError) as exc:
+            await self.error(f"malformed ICE candidate: {exc}")
+            return
+        cand.sdpMid, cand.sdpMLineIndex = msg.sdpMid, msg.sdpMLineIndex
+        try:
+            await self.session.talker.pc.addIceCandidate(cand)
+        except Exception as exc:  # aiortc raises ValueError/InvalidStateError for unusable candidates
+            await self.error(f"ICE candidate rejected: {exc}")
+
+    async def prompt(self, msg: PromptMessage) -> None:
+        if self.session is None:
+            await self.error("no session yet: send an offer first")
+            return
+        self.session.set_prompt(msg.prompt)
+        await self.send({"type": "prompt", "prompt": msg.prompt})
+
+    async def end(self, reason: str) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            await session.close(reason)
+
+    async def _report(self, session: Session) -> None:
+        """Send stats every second and ``ended`` when the session ends, whoever ended it."""
+        while not session.ended.is_set():
+            await self.send({"type": "stats", **session.info()})
+            try:
+                await asyncio.wait_for(session.ended.wait(), STATS_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
+        if self.session is session:
+            self.session = None
+        await self.send({"type": "ended", "session_id": session.id, "reason": session.end_reason})
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self) -> None:
+        """The signaling connection ended; a session still running lost its peer without a goodbye."""
+        if self.session is not None and not self.session.closing:
+            self.state.metrics.sessions_reaped.inc()
+        await self.end("peer vanished: signaling connection closed without bye")
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    """GET /ws: one signaling connection."""
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=PROTOCOL_MAX_MESSAGE_BYTES)
+    await ws.prepare(request)
+    conn = _Connection(ws, request.app[STATE])
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await conn.handle(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await conn.error("binary messages are not supported; send JSON text")
+            elif msg.type == WSMsgType.ERROR:
+                log.info("signaling connection dropped: %s", msg.data)
+                break
+    finally:
+        await conn.shutdown()
+    return ws

@@ -1,0 +1,46 @@
+"""Helpers shared by the live-server tests: polling /health and /metrics of a running server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+
+
+async def get_json(url: str) -> dict:
+    """GET a JSON document."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            return await resp.json()
+
+
+async def get_text(url: str) -> str:
+    """GET a text document."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            return await resp.text()
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str, step: float = 0.25) -> float:
+    """Poll ``check`` until it is true; returns the seconds it took, fails the test after ``timeout``."""
+    start = time.monotonic()
+    while not await check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(step)
+    return time.monotonic() - start
+
+
+async def session_ids(server_url: str) -> list[str]:
+    """Ids of the sessions /health lists."""
+    return [s["id"] for s in (await get_json(server_url + "/health"))["sessions"]]
+
+
+def metric(text: str, name: str) -> float:
+    """The value of an unlabelled metric in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)

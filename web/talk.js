@@ -1,0 +1,232 @@
+// Talk page: mic → server over WebRTC (signaling on /ws), avatar video + voice back, live stats.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  video: $("avatar"), placeholder: $("placeholder"), start: $("start"), stop: $("stop"), error: $("error"),
+  images: $("images"), upload: $("upload"), prompt: $("prompt"), applyPrompt: $("apply-prompt"),
+  viewLink: $("view-link"), state: $("st-state"), fps: $("st-fps"), latency: $("st-latency"),
+  repeated: $("st-repeated"), session: $("st-session"),
+};
+
+let chosenImage = "default";
+let call = null; // {pc, ws, mic, statsTimer, serverLatency, lastFrames, lastTime}
+
+function showError(message) {
+  ui.error.textContent = message;
+  ui.error.hidden = !message;
+}
+
+function setState(text, cls) {
+  ui.state.textContent = text;
+  ui.state.className = cls || "";
+}
+
+// ----- reference images ------------------------------------------------------------------------------
+function addImageChoice(name, label, url) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.dataset.image = name;
+  button.title = label;
+  button.setAttribute("aria-pressed", String(name === chosenImage));
+  if (url) {
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = label;
+    button.appendChild(img);
+  } else {
+    button.textContent = label;
+  }
+  button.addEventListener("click", () => chooseImage(name));
+  ui.images.appendChild(button);
+}
+
+function chooseImage(name) {
+  chosenImage = name;
+  for (const b of ui.images.querySelectorAll("button")) {
+    b.setAttribute("aria-pressed", String(b.dataset.image === name));
+  }
+}
+
+async function loadSamples() {
+  addImageChoice("default", "Default", null);
+  try {
+    const samples = await (await fetch("/api/samples")).json();
+    for (const s of samples) addImageChoice(s.name, s.name, s.url);
+  } catch (err) {
+    showError(`Could not list sample images: ${err}`);
+  }
+}
+
+ui.upload.addEventListener("change", async () => {
+  const file = ui.upload.files[0];
+  ui.upload.value = "";
+  if (!file) return;
+  showError("");
+  const resp = await fetch("/api/images", {
+    method: "POST", body: file, headers: { "Content-Type": file.type || "application/octet-stream" },
+  });
+  const body = await resp.json();
+  if (!resp.ok) {
+    showError(body.message || `Upload failed (${resp.status})`);
+    return;
+  }
+  addImageChoice(body.image_id, file.name, URL.createObjectURL(file));
+  chooseImage(body.image_id);
+});
+
+// ----- session ---------------------------------------------------------------------------------------
+function waitForIceGathering(pc, timeoutMs) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { pc.removeEventListener("icegatheringstatechange", check); resolve(); };
+    const check = () => { if (pc.iceGatheringState === "complete") done(); };
+    pc.addEventListener("icegatheringstatechange", check);
+    setTimeout(done, timeoutMs);
+  });
+}
+
+async function start() {
+  showError("");
+  ui.start.disabled = true;
+  setState("getting microphone…");
+  let mic;
+  try {
+    mic = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
+    });
+  } catch (err) {
+    showError(`Microphone unavailable: ${err.message || err}. The page needs http://localhost or https://.`);
+    setState("idle");
+    ui.start.disabled = false;
+    return;
+  }
+  const pc = new RTCPeerConnection({ iceServers: [] });
+  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
+  call = { pc, ws, mic, statsTimer: null, serverLatency: null, lastFrames: null, lastTime: null };
+
+  pc.addTransceiver(mic.getAudioTracks()[0], { direction: "sendrecv" });
+  pc.addTransceiver("video", { direction: "recvonly" });
+  const remote = new MediaStream();
+  pc.ontrack = (ev) => {
+    remote.addTrack(ev.track);
+    ui.video.srcObject = remote;
+    ui.placeholder.hidden = true;
+    ui.video.play().catch(() => {});
+  };
+  pc.onconnectionstatechange = () => {
+    const s = pc.connectionState;
+    setState(s, s === "connected" ? "ok" : (s === "failed" ? "bad" : ""));
+    if (s === "failed") showError("The media connection failed (a firewall may block UDP).");
+  };
+  pc.onicecandidate = (ev) => {
+    // Candidates found after the offer went out (gathering was slow) are trickled.
+    if (ev.candidate && call && call.answered && ws.readyState === WebSocket.OPEN) {
+      ws.send(JSON.stringify({ type: "candidate", candidate: ev.candidate.candidate,
+                               sdpMid: ev.candidate.sdpMid, sdpMLineIndex: ev.candidate.sdpMLineIndex }));
+    }
+  };
+
+  ws.onmessage = (ev) => onServerMessage(JSON.parse(ev.data));
+  ws.onclose = () => { if (call && call.ws === ws) stop("signaling connection closed"); };
+  await new Promise((resolve, reject) => { ws.onopen = resolve; ws.onerror = reject; }).catch(() => {
+    showError("Cannot reach the server's signaling socket.");
+  });
+  if (ws.readyState !== WebSocket.OPEN) { stop(); return; }
+
+  setState("connecting…");
+  await pc.setLocalDescription(await pc.createOffer());
+  await waitForIceGathering(pc, 2000);
+  ws.send(JSON.stringify({ type: "offer", sdp: pc.localDescription.sdp, image: chosenImage,
+                           prompt: ui.prompt.value }));
+  ui.stop.disabled = false;
+}
+
+async function onServerMessage(msg) {
+  if (!call) return;
+  switch (msg.type) {
+    case "answer":
+      await call.pc.setRemoteDescription({ type: "answer", sdp: msg.sdp });
+      call.answered = true;
+      call.serverLatency = msg.latency_s;
+      ui.session.textContent = msg.session_id;
+      ui.viewLink.href = msg.view_url;
+      ui.viewLink.hidden = false;
+      ui.applyPrompt.disabled = false;
+      call.statsTimer = setInterval(updateStats, 1000);
+      break;
+    case "stats":
+      if (msg.latency_s !== null) call.serverLatency = msg.latency_s;
+      ui.repeated.textContent = `${msg.frames_repeated} of ${msg.frames_sent}`;
+      break;
+    case "prompt":
+      ui.applyPrompt.textContent = "Applied ✓";
+      setTimeout(() => { ui.applyPrompt.textContent = "Apply to running session"; }, 1500);
+      break;
+    case "ended":
+      stop(msg.reason === "bye" ? "" : `Session ended: ${msg.reason}`);
+      break;
+    case "error":
+      showError(msg.message);
+      if (!call.answered) stop(msg.message);
+      break;
+  }
+}
+
+async function updateStats() {
+  if (!call) return;
+  const report = await call.pc.getStats();
+  let frames = null, jitter = null, rtt = null;
+  report.forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "video") frames = s.framesDecoded;
+    if (s.type === "inbound-rtp" && s.kind === "audio" && s.jitterBufferEmittedCount) {
+      jitter = s.jitterBufferDelay / s.jitterBufferEmittedCount;
+    }
+    if (s.type === "candidate-pair" && s.nominated && s.currentRoundTripTime !== undefined) {
+      rtt = s.currentRoundTripTime;
+    }
+  });
+  const now = performance.now();
+  if (frames !== null && call.lastFrames !== null) {
+    ui.fps.textContent = ((frames - call.lastFrames) * 1000 / (now - call.lastTime)).toFixed(1);
+  }
+  call.lastFrames = frames;
+  call.lastTime = now;
+  if (call.serverLatency !== null) {
+    const network = (jitter || 0) + (rtt || 0) / 2;
+    ui.latency.textContent = `≈ ${(call.serverLatency + network).toFixed(2)} s ` +
+      `(avatar ${call.serverLatency.toFixed(2)} s + network ${(network * 1000).toFixed(0)} ms)`;
+  }
+}
+
+function stop(message) {
+  if (message) showError(message);
+  const c = call;
+  call = null;
+  if (c) {
+    clearInterval(c.statsTimer);
+    if (c.ws.readyState === WebSocket.OPEN) c.ws.send(JSON.stringify({ type: "bye" }));
+    c.ws.onclose = null;
+    c.ws.close();
+    c.pc.close();
+    c.mic.getTracks().forEach((t) => t.stop());
+  }
+  ui.video.srcObject = null;
+  ui.placeholder.hidden = false;
+  ui.start.disabled = false;
+  ui.stop.disabled = true;
+  ui.applyPrompt.disabled = true;
+  ui.viewLink.hidden = true;
+  ui.fps.textContent = "–";
+  ui.latency.textContent = "–";
+  setState("idle");
+}
+
+ui.start.addEventListener("click", start);
+ui.stop.addEventListener("click", () => stop());
+ui.applyPrompt.addEventListener("click", () => {
+  if (call && call.ws.readyState === WebSocket.OPEN) {
+    call.ws.send(JSON.stringify({ type: "prompt", prompt: ui.prompt.value }));
+  }
+});
+loadSamples();
