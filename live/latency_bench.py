@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -59,13 +60,13 @@ def run_latency_bench(settings: Settings, seconds: float) -> dict:
     return {
         "config": settings.name,
         "device": worker["device"],
-        "host": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "seconds": round(report.seconds, 1),
         "block_s (server estimate)": worker["block_s"],
         "server output delay ms": None if last.get("latency_s") is None else round(last["latency_s"] * 1000),
         "glass-to-glass p50 ms": round(float(np.percentile(g2g, 50))) if g2g.size else None,
         "glass-to-glass p95 ms": round(float(np.percentile(g2g, 95))) if g2g.size else None,
-        "frames measured": int(g2g.size),
+        "fresh frames measured": int(g2g.size),
         "audio delay ms": None if report.audio_delay_s is None else round(report.audio_delay_s * 1000),
         "A/V offset ms": None if report.av_offset_s is None else round(report.av_offset_s * 1000, 1),
         "frames received / expected": f"{report.video_frames} / {report.expected_frames}",

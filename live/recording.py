@@ -26,6 +26,7 @@ VIDEO_RATE = 90000
 AUDIO_RATE = 48000
 MODEL_RATE = 16000
 UNIFORM_STD = 6.0
+REPEAT_DIFF = 0.5
 MIN_CORRELATION = 0.3
 
 
@@ -67,11 +68,13 @@ class SenderClock:
 
 @dataclass
 class VideoSample:
-    """One received video frame: its pts (1/90000 s, relative), arrival wall time, and whether it has content."""
+    """One received video frame: pts (1/90000 s, relative), arrival wall time, whether it has content (not the
+    plain pre-roll) and whether it is fresh (differs from the previous frame, i.e. not a repeat)."""
 
     pts: int
     arrival: float
     has_content: bool
+    fresh: bool
 
 
 @dataclass
@@ -157,12 +160,15 @@ class Recorder:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _read_video(self, track: MediaStreamTrack) -> None:
+        prev: np.ndarray | None = None
         try:
             while True:
                 frame = await track.recv()
                 arrival = time.time()
-                gray = frame.to_ndarray(format="gray")
-                self.video.append(VideoSample(frame.pts, arrival, float(gray.std()) > UNIFORM_STD))
+                gray = frame.to_ndarray(format="gray").astype(np.float32)
+                fresh = prev is None or float(np.abs(gray - prev).mean()) > REPEAT_DIFF
+                self.video.append(VideoSample(frame.pts, arrival, float(gray.std()) > UNIFORM_STD, fresh))
+                prev = gray
                 self.size = (frame.width, frame.height)
                 self._encode(frame)
         except MediaStreamError:
@@ -270,8 +276,8 @@ class Recorder:
           it shows the first input sample) minus sender time of that sample in the returned audio, located by
           cross-correlation with what was sent.
         - audio delay: when the client spoke sample 0 → when it came back.
-        - glass-to-glass, per frame after the first generated one: when the first sample it shows was spoken →
-          when the frame arrived.
+        - glass-to-glass, per fresh frame (repeats of a late frame are left out) from the first generated one on:
+          when the first sample it shows was spoken → when the frame arrived.
         """
         seconds = stopped - started
         window = [v for v in self.video if started <= v.arrival <= stopped]
@@ -285,7 +291,7 @@ class Recorder:
         if first is not None:
             report.glass_to_glass_s = [
                 v.arrival - spoken_at(round((v.pts - first.pts) / frame_ticks) * samples_per_frame)
-                for v in self.video if v.pts >= first.pts
+                for v in self.video if v.pts >= first.pts and v.fresh
             ]
         if lag is not None:
             arrival = next((t for pts, t in self.audio_arrivals if pts <= lag * 3 < pts + 960), None)

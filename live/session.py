@@ -325,18 +325,24 @@ class SessionManager:
             await asyncio.gather(*(self._reap(s) for s in list(self.sessions.values())))
 
     async def _reap(self, session: Session) -> None:
-        """Close the session if its talker went quiet, and drop viewers that did."""
-        limit = self.settings.server.reap_after_s
+        """Close the session if its talker went quiet, and drop viewers that did.
+
+        ``reap_after_s`` is the deadline for a vanished peer's session to be gone with its engine freed, so the
+        close starts early enough for the block its worker may be running to finish (never before half of it).
+        """
+        deadline = self.settings.server.reap_after_s
+        limit = max(deadline / 2, deadline - REAP_INTERVAL_S - session.handle.worker.block_estimate_s())
         if session.closing:
             return
         try:
             now = time.time()
-            if now - await session.last_activity() > limit:
+            quiet = now - await session.last_activity()
+            if quiet > limit:
                 self.metrics.sessions_reaped.inc()
-                await session.close(f"peer vanished: nothing heard from it for {limit:g} s")
+                await session.close(f"peer vanished: nothing heard from it for {quiet:.1f} s")
                 return
             for vid, link in list(session.viewers.items()):
-                if now - await link.last_activity() > limit:
+                if now - await link.last_activity() > deadline:
                     await session.remove_viewer(vid)
         except Exception:  # noqa: BLE001 - the reaper must outlive any one session
             log.exception("reaping session %s failed", session.id)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import av
 
-from live.client import talk
+from live.client import new_peer, talk
+from live.recording import Recorder
 
 from tests.conftest import ARTIFACTS
 from tests.server_helpers import get_json
@@ -42,3 +45,31 @@ async def test_talker_gets_avatar_video_and_its_voice_back_in_sync(server_url, s
         assert (video.width, video.height) == report.size
     health = await get_json(server_url + "/health")
     assert result.session_id not in [s["id"] for s in health["sessions"]]
+
+
+async def test_without_mic_audio_the_avatar_keeps_moving(server_url):
+    """A talker whose microphone sends nothing: the server feeds silence and the avatar still moves (idle)."""
+    import websockets
+    from aiortc import RTCSessionDescription
+
+    pc = new_peer()
+    pc.addTransceiver("audio", direction="recvonly")
+    pc.addTransceiver("video", direction="recvonly")
+    recorder = Recorder(max_seconds=60)
+    await pc.setLocalDescription(await pc.createOffer())
+    try:
+        async with websockets.connect(server_url.replace("http://", "ws://") + "/ws") as ws:
+            await ws.send(json.dumps({"type": "offer", "sdp": pc.localDescription.sdp}))
+            answer = json.loads(await ws.recv())
+            assert answer["type"] == "answer", answer
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+            recorder.attach(pc)
+            deadline = time.monotonic() + 60
+            while sum(v.has_content and v.fresh for v in recorder.video) < 25 and time.monotonic() < deadline:
+                await asyncio.sleep(0.25)
+            await ws.send(json.dumps({"type": "bye"}))
+    finally:
+        await recorder.stop()
+        await pc.close()
+    moving = [v for v in recorder.video if v.has_content and v.fresh]
+    assert len(moving) >= 25, f"only {len(moving)} new generated frames arrived"

@@ -87,7 +87,21 @@ async def test_bad_uploads_are_refused_clearly(server_url, data, content_type, s
 async def test_good_upload_is_accepted_and_usable(server_url):
     status, _, payload = await _post(server_url + "/api/images", _png(320, 240), "image/png")
     assert status == 201 and payload["width"] == 320 and payload["height"] == 240
-    assert len(payload["image_id"]) >= 12
+    status, headers, _ = await _post_sdp(server_url + f"/whip?image={payload['image_id']}&prompt=waving",
+                                         await _offer(("audio",)))
+    assert status == 201
+    session_id = headers["Location"].rsplit("/", 1)[-1]
+    session = next(s for s in (await get_json(server_url + "/health"))["sessions"] if s["id"] == session_id)
+    assert session["image"] == "upload" and session["prompt"] == "waving"
+    async with aiohttp.ClientSession() as http:
+        async with http.delete(server_url + headers["Location"]) as resp:
+            assert resp.status == 200
+
+
+async def _post_sdp(url: str, sdp: str) -> tuple[int, dict, str]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=sdp, headers={"Content-Type": "application/sdp"}) as resp:
+            return resp.status, dict(resp.headers), await resp.text()
 
 
 async def test_websocket_reports_bad_messages_and_stays_open(server_url):
