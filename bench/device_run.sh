@@ -17,7 +17,7 @@ gpu_env() {
     | tee -a "$OUT/env.log"
 }
 
-gpu_kernels() { python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log"; }
+gpu_kernels() { python3 bench/kernels.py "$@" 2>&1 | tee -a "$OUT/kernels.log"; }
 
 gpu_tests() {
   python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py tests/test_shared_sink.py 2>&1 | tee "$OUT/tests.log"
@@ -28,6 +28,8 @@ gpu_tests() {
 gpu_bench() {
   local name=$1
   shift
-  LIVE_AVATAR_BENCH_PROFILE="$OUT/profile-$name.txt" python3 -m live.cli bench --config configs/liveavatar-14b.yaml \
-    --random-weights "$@" 2>&1 | tee "$OUT/bench-$name.log"
+  # live.cli's main() imports the media stack (PyAV), which the GPU image lacks; bench needs only the parser.
+  LIVE_AVATAR_BENCH_PROFILE="$OUT/profile-$name.txt" python3 -c "import sys; from live.cli import build_parser
+from live.bench import main; sys.exit(main(build_parser().parse_args(sys.argv[1:])))" \
+    bench --config configs/liveavatar-14b.yaml --random-weights "$@" 2>&1 | tee "$OUT/bench-$name.log"
 }

@@ -6,7 +6,7 @@ whole :class:`model.fp8.FP8Linear` (activation quantisation included); self-atte
 as one cuDNN SDPA on the concatenation versus two LSE attentions merged (with the relative difference); and the
 streaming VAE decode of one block with ``torch.backends.cudnn.benchmark`` off and on.
 
-Usage (on the GPU machine): ``python3 bench/kernels.py``.
+Usage (on the GPU machine): ``python3 bench/kernels.py [ceilings gemms attention vae_decode]``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def ceilings() -> None:
     x = torch.empty(2**30 // 2, device=DEV, dtype=torch.bfloat16).normal_()
     y = torch.empty_like(x)
     ms = timed(lambda: y.copy_(x))
-    print(f"device copy 1 GiB: {2 * 2**30 / ms / 1e9:.0f} GB/s read+write")
+    print(f"device copy 1 GiB: {2 * 2**30 / ms / 1e6:.0f} GB/s read+write")
 
 
 def gemms() -> None:
@@ -123,20 +123,23 @@ def vae_decode() -> None:
     print("\nStreaming VAE decode (Wan2.1 VAE, bf16) at 704x384: one block = 3 latents -> 12 frames")
     vae = build_vae(VAEConfig()).to(DEV, torch.bfloat16).eval()
     g = torch.Generator(device=DEV).manual_seed(0)
-    for bench_mode in (False, True):
+    for bench_mode, fmt in ((False, None), (True, None), (False, torch.channels_last_3d), (True, torch.channels_last_3d)):
         torch.backends.cudnn.benchmark = bench_mode
+        if fmt is not None:
+            vae = vae.to(memory_format=fmt)
         dec = StreamingVAEDecoder(vae)
         dec.decode(torch.randn(1, 16, 7, 48, 88, device=DEV, dtype=torch.bfloat16, generator=g))
         lat = torch.randn(1, 16, 3, 48, 88, device=DEV, dtype=torch.bfloat16, generator=g)
         ms = timed(lambda: dec.decode(lat), reps=5, warm=2)
-        print(f"cudnn.benchmark={bench_mode}: {ms:.1f} ms per block, {ms / 12:.2f} ms/frame")
+        print(f"cudnn.benchmark={bench_mode}, weights {fmt or 'contiguous'}: {ms:.1f} ms per block, {ms / 12:.2f} ms/frame")
     torch.backends.cudnn.benchmark = False
 
 
 if __name__ == "__main__":
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
     with torch.no_grad():
-        for part in (ceilings, gemms, attention, vae_decode):
+        parts = [globals()[name] for name in sys.argv[1:]] or [ceilings, gemms, attention, vae_decode]
+        for part in parts:
             try:
                 part()
             except Exception as exc:  # keep measuring the other parts; the log shows what broke

@@ -276,8 +276,11 @@ def _dtype_label(dtype: torch.dtype) -> str:
 
 def variants(args: argparse.Namespace, settings: Settings) -> list[tuple[str, bool, bool]]:
     """(label, fp8, compile) per row, in an order where each step only adds to the last: FP8 conversion is
-    in place and one-way, so the plain variant runs first."""
+    in place and one-way, so the plain variant runs first. A profile (or LIVE_AVATAR_FP8 / LIVE_AVATAR_COMPILE)
+    that already asks for FP8 or compile makes that the first row; one that asks for compile is the only row."""
     base = "fp8" if settings.fp8 else _dtype_label(resolve_dtype(settings.dtype))
+    if settings.compile:
+        return [(base + "+compile", settings.fp8, True)]
     rows = [(base, settings.fp8, False)]
     if args.fp8 and not settings.fp8:
         rows.append(("fp8", True, False))
@@ -300,7 +303,7 @@ def apply_variant(stack: ModelStack, fp8: bool, compiled: bool) -> list[str]:
         if stack.device.type == "cuda":
             torch.cuda.empty_cache()
         notes.append(f"FP8: {n} linear layers quantised in {time.perf_counter() - t0:.1f} s")
-    if compiled:
+    if compiled and not stack.dit.compiled:
         stack.dit.compile_blocks()
     return notes
 
@@ -344,9 +347,9 @@ def _load(args: argparse.Namespace) -> Settings:
         extra["device"] = args.device
     settings = load_settings(args.config, **extra)
     if args.random_weights:
-        settings = settings.model_copy(update={"checkpoint_dir": None, "lora": None})
-    # Variants switch FP8 and compile on themselves, after the plain rows.
-    return settings.model_copy(update={"compile": False})
+        no_weights = {k: None for k in ("checkpoint_dir", "lora", "weights") if k in Settings.model_fields}
+        settings = settings.model_copy(update=no_weights)
+    return settings
 
 
 def main(args: argparse.Namespace) -> int:
@@ -374,17 +377,24 @@ def main(args: argparse.Namespace) -> int:
     profile_env = os.environ.get("LIVE_AVATAR_BENCH_PROFILE")
     profile_to = Path(profile_env) if profile_env else None
     results: list[RunResult] = []
+    failed = 0
     notes = [f"stack built in {load_s:.1f} s ({'random weights' if settings.checkpoint_dir is None else 'checkpoint'})"]
     for label, fp8, compiled in rows:
         notes += apply_variant(stack, fp8, compiled)
         for area in areas:
             stack.settings = settings.model_copy(update={"video": settings.video.model_copy(update={"size_area": area})})
-            if compiled:
-                # Compile on a throwaway stream first, so that TTFF and the table show steady-state sessions.
-                c0 = time.perf_counter()
-                run_engine(stack, label, image, warmup=1, blocks=1)
-                notes.append(f"{label} at {area}: compile warm-up stream took {time.perf_counter() - c0:.1f} s")
-            result = run_engine(stack, label, image, args.warmup, args.blocks, profile_to)
+            try:
+                if compiled:
+                    # Compile on a throwaway stream first, so that TTFF and the table show steady-state sessions.
+                    c0 = time.perf_counter()
+                    run_engine(stack, label, image, warmup=1, blocks=1)
+                    notes.append(f"{label} at {area}: compile warm-up stream took {time.perf_counter() - c0:.1f} s")
+                result = run_engine(stack, label, image, args.warmup, args.blocks, profile_to)
+            except Exception as exc:  # one failing row (e.g. out of memory) must not lose the others
+                failed += 1
+                notes.append(f"{label} at {area}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+                print(f"[bench] {label} at {area}: failed: {exc}", flush=True)
+                continue
             results.append(result)
             notes += [f"{label} {result.width}×{result.height}: {n}" for n in result.notes]
             print(f"[bench] {label} {result.width}×{result.height}: {result.fps:.2f} FPS, "
@@ -399,4 +409,4 @@ def main(args: argparse.Namespace) -> int:
     print(f"- peak = {peak_kind}; torch {torch.__version__}; {settings.stream.steps} steps; "
           f"{args.warmup} warm-up + {args.blocks} measured blocks per row")
     print(f"\n`{command_line(args)}`")
-    return 0
+    return 1 if failed else 0

@@ -46,10 +46,12 @@ class WanRMSNorm(nn.Module):
 
 
 class WanLayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 and cast back."""
+    """LayerNorm computed in float32 (affine parameters too, as under upstream's autocast) and cast back."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 def _dtype(layer: nn.Module) -> torch.dtype:
@@ -203,7 +205,14 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     merged exactly (:func:`merge_attention`)."""
     lq = q.shape[2]
     if q.is_cuda:
-        out, lse = _CUDA_LSE_BACKENDS[_cuda_lse_backend(q.dtype)](q, k, v)
+        while True:
+            name = _cuda_lse_backend(q.dtype)
+            try:
+                out, lse = _CUDA_LSE_BACKENDS[name](q, k, v)
+                break
+            except RuntimeError:  # a kernel that passed the check may still refuse these shapes or strides
+                _CUDA_LSE_FAILED.add(name)
+                _CUDA_LSE_CHOICE.pop(q.dtype)
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
     return out, lse.reshape(q.shape[0], q.shape[1], -1)[..., :lq].float()
@@ -223,6 +232,7 @@ _CUDA_LSE_BACKENDS = {
     "efficient": lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2],
 }
 _CUDA_LSE_CHOICE: dict[torch.dtype, str] = {}
+_CUDA_LSE_FAILED: set[str] = set()
 
 
 def _cuda_lse_backend(dtype: torch.dtype) -> str:
@@ -231,11 +241,14 @@ def _cuda_lse_backend(dtype: torch.dtype) -> str:
     private ops' availability and output layouts vary across GPUs and torch versions."""
     if dtype not in _CUDA_LSE_CHOICE:
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k1, k2, v1, v2 = (torch.randn(1, 4, n, 128, device="cuda", dtype=dtype, generator=gen)
+        # [B, S, H, D] storage viewed as [B, H, S, D], the layout the DiT passes
+        q, k1, k2, v1, v2 = (torch.randn(1, n, 4, 128, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
                              for n in (192, 160, 320, 160, 320))
         ref = F.scaled_dot_product_attention(q.float(), torch.cat([k1, k2], 2).float(), torch.cat([v1, v2], 2).float())
         errors = {}
         for name, fn in _CUDA_LSE_BACKENDS.items():
+            if name in _CUDA_LSE_FAILED:
+                continue
             try:
                 (o1, l1), (o2, l2) = fn(q, k1, v1), fn(q, k2, v2)
                 b, h, lq = q.shape[:3]
@@ -362,6 +375,7 @@ class CausalS2VDiT(nn.Module):
         self.cond_encoder = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
         self.trainable_cond_mask = nn.Embedding(3, c.dim)
         self._qkv, self._finish, self._inject = block_qkv, block_finish, inject_audio
+        self.compiled = False
         self._rope: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
 
     def compile_blocks(self, mode: str | None = None) -> None:
@@ -370,6 +384,7 @@ class CausalS2VDiT(nn.Module):
         serves all layers; KV writes and attention stay outside, where their slice bounds change per block."""
         kw = {"mode": mode, "dynamic": False}
         self._qkv, self._finish, self._inject = (torch.compile(fn, **kw) for fn in (block_qkv, block_finish, inject_audio))
+        self.compiled = True
 
     # ----- conditioning -------------------------------------------------------------------------------
     def text_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
