@@ -34,6 +34,28 @@ class RateMeter:
         return sum(n for _, n in self._events) / self._window
 
 
+class CounterRate:
+    """Rate of a growing counter, from samples taken whenever someone asks (e.g. at each scrape).
+
+    The baseline is the newest sample at least ``window_s`` old, so sparse scrapes give the average since the
+    previous one and frequent ones a ``window_s`` average.
+    """
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        """Average over at least ``window_s`` seconds."""
+        self._window = window_s
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def rate(self, count: int, now: float | None = None) -> float:
+        """Record ``count`` now and return the counter's rate per second."""
+        now = time.monotonic() if now is None else now
+        self._samples.append((now, count))
+        while len(self._samples) > 2 and self._samples[1][0] <= now - self._window:
+            self._samples.popleft()
+        t0, c0 = self._samples[0]
+        return (count - c0) / (now - t0) if now > t0 else 0.0
+
+
 @dataclass
 class SessionGauges:
     """Live values of one session, read when /metrics is scraped."""

@@ -89,6 +89,7 @@ class SyncReport:
     size: tuple[int, int] | None
     av_offset_s: float | None
     audio_delay_s: float | None
+    longest_gap_s: float | None = None
     glass_to_glass_s: list[float] = field(default_factory=list)
 
     @property
@@ -106,6 +107,7 @@ class SyncReport:
             "seconds": round(self.seconds, 2), "video_frames": self.video_frames,
             "expected_frames": self.expected_frames, "frames_ratio": round(self.frames_ratio, 3),
             "audio_seconds": round(self.audio_seconds, 2), "size": self.size,
+            "longest_gap_ms": _ms(self.longest_gap_s),
             "av_offset_ms": None if self.av_offset_s is None else round(self.av_offset_s * 1000, 1),
             "audio_delay_ms": None if self.audio_delay_s is None else round(self.audio_delay_s * 1000, 1),
             "glass_to_glass_p50_ms": _ms(self.percentile(50)), "glass_to_glass_p95_ms": _ms(self.percentile(95)),
@@ -284,6 +286,8 @@ class Recorder:
         report = SyncReport(seconds=seconds, fps=fps, video_frames=len(window),
                             expected_frames=round(seconds * fps), audio_seconds=self.audio_end / AUDIO_RATE,
                             size=self.size, av_offset_s=None, audio_delay_s=None)
+        if len(window) > 1:
+            report.longest_gap_s = max(b.arrival - a.arrival for a, b in zip(window, window[1:]))
         first = next((v for v in self.video if v.has_content), None)
         lag = self._locate(sent)
         frame_ticks = VIDEO_RATE / fps

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .audio_feed import SAMPLE_RATE, AudioFeed
 from .clock import SessionClock
-from .metrics import LiveGauges, RateMeter, ServerMetrics, SessionGauges
+from .metrics import CounterRate, LiveGauges, ServerMetrics, SessionGauges
 from .output import SessionOutput
 from .peer import PeerLink
 from .settings import Settings
@@ -86,8 +86,7 @@ class Session:
         self.end_reason = ""
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
-        self._generated_meter = RateMeter()
-        self._generated_seen = 0
+        self._generated_rate = CounterRate()
         loop = asyncio.get_running_loop()
         handle.on_error = lambda exc: loop.call_soon_threadsafe(
             self.spawn, self.close(f"engine error: {exc.__class__.__name__}: {exc}"))
@@ -233,15 +232,12 @@ class Session:
 
     def gauges(self) -> SessionGauges:
         """Live values for /metrics."""
-        generated = self.handle.frames_generated
-        self._generated_meter.add(generated - self._generated_seen)
-        self._generated_seen = generated
         delay = self.output.output_delay_s
         return SessionGauges(
             session_id=self.id,
             viewers=len(self.viewers) + (1 if self.talker is not None and self.talker.role == "talker" else 0),
             ring_frames=len(self.handle.engine.ring),
-            generated_fps=self._generated_meter.rate(),
+            generated_fps=self._generated_rate.rate(self.handle.frames_generated),
             sent_fps=self.output.sent_meter.rate(),
             mouth_to_photon_s=self.output.delay_s if delay is None else delay,
         )

@@ -81,6 +81,7 @@ class EngineWorker:
         self._handles: list[EngineHandle] = []
         self._recent_block_s: deque[float] = deque(maxlen=64)
         self._rr = 0
+        self._on_cuda = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -143,6 +144,7 @@ class EngineWorker:
     def _run(self) -> None:
         try:
             stack = ModelStack.load(self.settings)
+            self._on_cuda = stack.device.type == "cuda"
             self.warmup_block_s = self._warm_up(stack)
             log.info("engine worker %s ready: %.3f s per block", self.device, self.warmup_block_s)
         except BaseException as exc:  # noqa: BLE001 - reported through /health and wait_ready()
@@ -220,7 +222,8 @@ class EngineWorker:
             handle.engine.close()
             if not handle.closed.done():
                 handle.closed.set_result(None)
-        if self._handles == [] and self.device.startswith("cuda"):
+        if not self._handles and self._on_cuda:
+            # Hand the freed caches back to the device, not just to PyTorch's allocator.
             torch.cuda.empty_cache()
 
     def _next_ready(self) -> EngineHandle | None:
@@ -253,8 +256,11 @@ class EngineWorker:
 
 
 def worker_devices(settings: Settings) -> list[str]:
-    """Devices to run one worker each on: every visible GPU for ``device: auto``, else the configured device."""
-    if settings.device == "auto":
+    """Devices to run one worker each on: every visible GPU for ``device: auto``, else the configured device.
+
+    A step pipeline (``pipeline.world_size > 1``) spans the GPUs itself, so it gets a single worker.
+    """
+    if settings.device == "auto" and settings.pipeline.world_size == 1:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return [f"cuda:{i}" for i in range(count)] or ["cpu"]
     return [settings.device]
