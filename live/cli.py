@@ -51,6 +51,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _cmd_train_tiny(args: argparse.Namespace) -> int:
+    from .train_tiny import main as train_main
+
+    return train_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser for all subcommands."""
     p = argparse.ArgumentParser(prog="live-avatar", description="Real-time audio-driven avatar server.")
@@ -96,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--server", action="store_true", help="glass-to-glass latency through a real server")
     sp.add_argument("--seconds", type=float, default=10.0, help="duration of the --server run")
     sp.set_defaults(func=_cmd_bench)
+
+    from .train_tiny import add_arguments
+
+    sp = sub.add_parser("train-tiny", help="train the built-in tiny avatar on synthetic talking faces")
+    add_arguments(sp)
+    sp.set_defaults(func=_cmd_train_tiny)
     return p
 
 

@@ -84,6 +84,12 @@ class ModelStack:
             text = HashedTextEncoder(mc.dit.text_dim, mc.dit.text_len, seed=settings.seed)
             w2v, text = (m.to(device=device, dtype=dtype) for m in (w2v, text))
             vae = vae.to(device=device) if dtype == torch.float32 else vae.to(device=device, dtype=dtype)
+            if settings.weights is not None:
+                load_project_weights(settings.weights, {"dit": dit, "vae": vae, "wav2vec2": w2v, "text": text})
+        if device.type == "cpu":
+            from .cpu_vae import speed_up_vae_
+
+            speed_up_vae_(vae)
         for m in (dit, vae, w2v, text):
             m.eval().requires_grad_(False)
         if settings.fp8:
@@ -94,6 +100,19 @@ class ModelStack:
             dit.compile_blocks()
         return cls(settings, device, dtype, dit, vae, w2v, text,
                    FlowMatchSchedule(settings.stream.steps, settings.stream.shift))
+
+
+def load_project_weights(path, modules: dict[str, nn.Module]) -> None:
+    """Load a project checkpoint (one safetensors file, keys ``<module>.<parameter>``) strictly into ``modules``."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    for prefix, module in modules.items():
+        part = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        module.load_state_dict(part, strict=True)
+    unknown = [k for k in tensors if k.split(".", 1)[0] not in modules]
+    if unknown:
+        raise ValueError(f"{path}: unexpected keys {unknown[:5]}")
 
 
 class StreamEngine:

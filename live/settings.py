@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     dtype: str = Field("float32", description="Compute dtype: float32 | bfloat16.")
     checkpoint_dir: Path | None = Field(None, description="Official checkpoint folder; None = random weights.")
     lora: Path | None = None
+    weights: Path | None = Field(None, description="Project checkpoint (safetensors, keys prefixed dit./vae./"
+                                 "wav2vec2./text.) loaded strictly over the seeded random stack; the tiny profile "
+                                 "ships one.")
     text_device: str = Field("auto", description="Where the text encoder runs ('cpu' keeps umT5-XXL's ~11 GB "
                              "off the GPU; prompts are encoded once per change).")
     seed: int = 0
@@ -125,7 +128,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError(f"{cfg_path}: expected a mapping at the top level")
     base = cfg_path.parent
-    for key in ("checkpoint_dir", "lora"):
+    for key in ("checkpoint_dir", "lora", "weights"):
         if data.get(key) and not Path(data[key]).is_absolute():
             data[key] = str((base / data[key]).resolve())
     data.update({k: v for k, v in overrides.items() if v is not None})
