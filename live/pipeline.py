@@ -151,6 +151,17 @@ class PipelineHost:
         self.pump(lambda: len(self._loaded) == self.plan.world_size, startup_timeout_s,
                   lambda: f"ranks {sorted(set(range(self.plan.world_size)) - self._loaded)} to load their models")
 
+    def healthy(self) -> bool:
+        """Whether the pipeline can take sessions: not failed, and (when this host started them) every rank
+        process alive. A rank found dead here fails the pipeline."""
+        with self._lock:
+            try:
+                self._raise_failed()
+                self._check_alive()
+            except PipelineError:
+                return False
+            return True
+
     @property
     def processes(self) -> dict[int, BaseProcess]:
         """The rank processes this host started (none under torchrun or for one rank), by rank."""
@@ -379,10 +390,10 @@ _HOSTS_LOCK = threading.Lock()
 
 def pipeline_host(stack: ModelStack) -> PipelineHost:
     """The running pipeline whose rank 0 uses ``stack``: started on first use, and started afresh after a rank
-    failure (spawn launch; under torchrun the job must be restarted)."""
+    failure, also one that happened while it was idle (spawn launch; under torchrun the job must be restarted)."""
     with _HOSTS_LOCK:
         host = _HOSTS.get(id(stack))
-        if host is not None and host.stack is stack and host.failed is None:
+        if host is not None and host.stack is stack and host.healthy():
             return host
         if host is not None and host.stack is stack and host.torchrun:
             raise PipelineError(f"the step pipeline failed ({host.failed}); restart the torchrun job")

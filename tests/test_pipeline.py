@@ -23,10 +23,10 @@ PROMPT_AT = 2      # a prompt change takes effect from this block
 FAIL_WITHIN_S = 20.0
 
 
-def pipeline_settings(tiny_settings, world_size: int, decode_on: str = "last"):
-    """The tiny 64×64 profile as a gloo pipeline of ``world_size`` ranks."""
-    return tiny_settings.model_copy(update={"pipeline": PipelineSettings(world_size=world_size, backend="gloo",
-                                                                          decode_on=decode_on)})
+def pipeline_settings(base, world_size: int, decode_on: str = "last"):
+    """``base`` as a gloo pipeline of ``world_size`` ranks."""
+    return base.model_copy(update={"pipeline": PipelineSettings(world_size=world_size, backend="gloo",
+                                                                 decode_on=decode_on)})
 
 
 def run(engine, audio: np.ndarray, blocks: int) -> tuple[list[torch.Tensor], int]:
@@ -57,14 +57,21 @@ def assert_same_frames(got: list[torch.Tensor], want: list[torch.Tensor]) -> Non
 
 
 @pytest.fixture(scope="module")
+def base(tiny_settings):
+    """The tiny 64×64 profile streaming as the 14B profile does: rolling-sink refresh on, 3 frames dropped."""
+    stream = tiny_settings.stream.model_copy(update={"refresh_sink": True, "drop_first_frames": 3})
+    return tiny_settings.model_copy(update={"stream": stream})
+
+
+@pytest.fixture(scope="module")
 def audio() -> np.ndarray:
     return make_speechlike(3.2, seed=5)
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_stack, audio) -> list[torch.Tensor]:
+def reference(base, audio) -> list[torch.Tensor]:
     """Frames of the single-process engine (same seed, audio and prompt change)."""
-    engine = StreamEngine(tiny_stack, seed=0)
+    engine = StreamEngine(ModelStack.load(base), seed=0)
     frames, ahead = run(engine, audio, BLOCKS)
     engine.close()
     assert ahead == 0
@@ -86,16 +93,16 @@ def test_steps_go_round_robin_over_any_rank_count():
             StagePlan(**bad)
 
 
-def test_one_rank_gives_the_stream_engines_frames(tiny_settings, audio, reference):
-    stack = ModelStack.load(pipeline_settings(tiny_settings, 1))
+def test_one_rank_gives_the_stream_engines_frames(base, audio, reference):
+    stack = ModelStack.load(pipeline_settings(base, 1))
     engine = PipelineEngine(stack, seed=0)
     frames, _ = run(engine, audio, BLOCKS)
     engine.close()
     assert_same_frames(frames, reference)
 
 
-def test_three_ranks_run_four_steps_back_to_back_with_the_stream_engines_frames(tiny_settings, audio, reference):
-    stack = ModelStack.load(pipeline_settings(tiny_settings, 3))
+def test_three_ranks_run_four_steps_back_to_back_with_the_stream_engines_frames(base, audio, reference):
+    stack = ModelStack.load(pipeline_settings(base, 3))
     engine = PipelineEngine(stack, seed=0)
     try:
         frames, ahead = run(engine, audio, BLOCKS)
@@ -113,8 +120,8 @@ def test_three_ranks_run_four_steps_back_to_back_with_the_stream_engines_frames(
 
 
 def test_killed_rank_ends_the_stream_with_an_error_naming_it_and_a_new_pipeline_starts(
-        tiny_settings, audio, reference):
-    stack = ModelStack.load(pipeline_settings(tiny_settings, 2, decode_on="own"))
+        base, audio, reference):
+    stack = ModelStack.load(pipeline_settings(base, 2, decode_on="own"))
     engine = PipelineEngine(stack, seed=0)
     frames, _ = run(engine, audio, BLOCKS)
     engine.close()
@@ -136,19 +143,25 @@ def test_killed_rank_ends_the_stream_with_an_error_naming_it_and_a_new_pipeline_
     engine.close()
     assert not any(p.is_alive() for p in host.processes.values())
 
-    # The process that hosts rank 0 (the server) goes on: the next session starts a fresh pipeline.
+    # The process that hosts rank 0 (the server) goes on: the next session starts a fresh pipeline ...
     assert pipeline_host(stack) is not host
     engine = PipelineEngine(stack, seed=0)
+    frames, _ = run(engine, audio, 2)
+    engine.close()
+    assert_same_frames(frames, reference[:len(frames)])
+    # ... also when a rank died while no session was running.
+    idle = engine.host
+    os.kill(idle.processes[1].pid, signal.SIGKILL)
+    idle.processes[1].join(FAIL_WITHIN_S)
+    fresh = pipeline_host(stack)
     try:
-        frames, _ = run(engine, audio, 2)
-        engine.close()
-        assert_same_frames(frames, reference[:len(frames)])
+        assert fresh is not idle and idle.failed is not None and fresh.healthy()
     finally:
-        engine.host.shutdown()
+        fresh.shutdown()
 
 
-def test_pipeline_bench_reports_fps_first_frame_and_memory_per_rank(tiny_settings):
-    result = run_pipeline_bench(pipeline_settings(tiny_settings, 2), world_size=2, blocks=3, warmup=1)
+def test_pipeline_bench_reports_fps_first_frame_and_memory_per_rank(base):
+    result = run_pipeline_bench(pipeline_settings(base, 2), world_size=2, blocks=3, warmup=1)
     assert result["fps"] > 0 and 0 < result["ttff_s"] < 60
     assert [r["rank"] for r in result["ranks"]] == [0, 1]
     assert all(r["peak_memory_bytes"] > 0 for r in result["ranks"])
