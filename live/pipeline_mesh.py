@@ -145,13 +145,15 @@ class Message:
     info: dict[str, Any] = field(default_factory=dict)
 
     def header(self) -> bytes:
+        """The JSON header: routing fields, ``info`` and each tensor's dtype and shape (the receiver allocates
+        from it and posts the receives before the sender's data arrives)."""
         return json.dumps({"kind": self.kind, "src": self.src, "session": self.session, "block": self.block,
                            "step": self.step, "info": self.info,
                            "tensors": [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in self.tensors]}
                           ).encode()
 
 
-STOP = "_stop"
+STOP = "_stop"  # header kind that ends a rank's inbox thread
 
 
 class Mesh:
