@@ -66,6 +66,7 @@ BLOCK_TIMEOUT_S = 600.0     # no message at all for this long = a hung rank (fir
                             # a dead rank is noticed at once from its process)
 OP_TIMEOUT_S = 600.0        # backend timeout of one send/recv (NCCL watchdog, gloo)
 STOP_GRACE_S = 5.0
+PEER_EXIT_GRACE_S = 2.0  # a reset socket can be seen before the dead peer is reaped
 
 
 class PipelineError(RuntimeError):
@@ -337,7 +338,12 @@ class PipelineHost:
                 raise self._fail(PipelineRankError(rank, f"pipeline rank {rank} (pid {proc.pid}) {how}"))
 
     def _explain(self, exc: MeshError) -> PipelineError:
-        """A transport error, attributed to a dead rank when one is dead (it is the likely cause)."""
+        """A transport error, attributed to a dead rank when one is dead (it is the likely cause).
+
+        A peer's socket can report the reset before its process is reaped, so give the peer a moment to exit."""
+        peer = self._procs.get(exc.peer)
+        if peer is not None:
+            peer.join(timeout=PEER_EXIT_GRACE_S)
         try:
             self._check_alive()
         except PipelineError as dead:
