@@ -32,8 +32,9 @@ class AudioFeed:
     would run more than ``max_lead_s`` ahead of the clock is dropped, so latency cannot creep up.
 
     The engine receives the timeline in whole video frames. A frame is withheld from the engine when the engine
-    is more than ``max_backlog_frames`` behind (it could not be shown in time anyway): the output repeats a frame
-    there instead of the delay growing. :meth:`engine_frame` maps timeline frames to engine frames.
+    already has ``max_backlog()`` frames of input waiting (it could not show this one in time anyway): the output
+    repeats a frame there instead of the delay growing, and the engine spends its time on audio it can still
+    show. :meth:`engine_frame` maps timeline frames to engine frames.
 
     The recent timeline stays readable through :meth:`read` for the delayed output audio. Memory is
     O(``history_s``), whatever the session length.
@@ -45,7 +46,7 @@ class AudioFeed:
         fps: int,
         push: Callable[[np.ndarray], None],
         generated: Callable[[], int],
-        max_backlog_frames: int,
+        max_backlog: Callable[[], int],
         history_s: float,
         mic_grace_s: float,
         fill_slack_s: float,
@@ -58,7 +59,7 @@ class AudioFeed:
         self.samples_per_frame = SAMPLE_RATE // fps
         self._push = push
         self._generated = generated
-        self._max_backlog = max_backlog_frames
+        self._max_backlog = max_backlog
         self._history = np.zeros(math.ceil(history_s * SAMPLE_RATE), np.float32)
         self._grace = mic_grace_s
         self._slack = round(fill_slack_s * SAMPLE_RATE)
@@ -67,6 +68,9 @@ class AudioFeed:
         self.origin: float | None = None
         self.written = 0
         self.engine_frames = 0
+        self.filled_samples = 0
+        self.dropped_samples = 0
+        self.withheld_frames = 0
         self._frame_to_engine = False
         self._runs: deque[_Run] = deque()
 
@@ -77,6 +81,7 @@ class AudioFeed:
         room = self._expected(now) + self._max_lead - self.written
         if room < pcm.shape[0]:
             dropped = pcm.shape[0] - max(room, 0)
+            self.dropped_samples += dropped
             self._metrics.audio_dropped_seconds.inc(dropped / SAMPLE_RATE)
             pcm = pcm[: max(room, 0)]
         self._append(pcm)
@@ -90,6 +95,7 @@ class AudioFeed:
         missing = self._expected(now) - self.written
         if missing <= self._slack:
             return False
+        self.filled_samples += missing
         self._metrics.audio_filled_seconds.inc(missing / SAMPLE_RATE)
         self._append(np.zeros(missing, np.float32))
         return True
@@ -137,8 +143,9 @@ class AudioFeed:
             pos += take
 
     def _begin_frame(self, frame: int) -> None:
-        if self.engine_frames - self._generated() >= self._max_backlog:
+        if self.engine_frames - self._generated() >= self._max_backlog():
             self._frame_to_engine = False
+            self.withheld_frames += 1
             self._metrics.audio_dropped_seconds.inc(self.samples_per_frame / SAMPLE_RATE)
             return
         self._frame_to_engine = True

@@ -71,4 +71,6 @@ def run_latency_bench(settings: Settings, seconds: float) -> dict:
         "A/V offset ms": None if report.av_offset_s is None else round(report.av_offset_s * 1000, 1),
         "frames received / expected": f"{report.video_frames} / {report.expected_frames}",
         "frames repeated / sent (server)": f"{last.get('frames_repeated')} / {last.get('frames_sent')}",
+        "silence inserted s (late mic packets)": last.get("silence_filled_s"),
+        "input withheld from a late engine, frames": last.get("frames_withheld"),
     }

@@ -28,6 +28,7 @@ MODEL_RATE = 16000
 UNIFORM_STD = 6.0
 REPEAT_DIFF = 0.5
 MIN_CORRELATION = 0.3
+LOCATE_S = 1.0
 
 
 def _signed32(value: int) -> int:
@@ -279,7 +280,8 @@ class Recorder:
           cross-correlation with what was sent.
         - audio delay: when the client spoke sample 0 → when it came back.
         - glass-to-glass, per fresh frame (repeats of a late frame are left out) from the first generated one on:
-          when the first sample it shows was spoken → when the frame arrived.
+          when the first sample it shows was spoken → when the frame arrived. Frame ``k`` shows input sample
+          ``k * 16000 / fps``; that holds while the server inserted no silence (its ``silence_filled_s`` stat).
         """
         seconds = stopped - started
         window = [v for v in self.video if started <= v.arrival <= stopped]
@@ -307,10 +309,16 @@ class Recorder:
         return report
 
     def _locate(self, sent: np.ndarray) -> int | None:
-        """Where (16 kHz samples from the audio track's start) the sent audio begins in the received audio."""
+        """Where (16 kHz samples from the audio track's start) the sent audio begins in the received audio.
+
+        Only the start of the sent audio (up to ``LOCATE_S`` past its first sound) is matched, so silence the
+        server inserts later, when mic packets are late, cannot pull the match away from sample 0.
+        """
         n16 = self.audio_end // 3
-        if n16 == 0 or sent.size == 0:
+        loud = np.flatnonzero(np.abs(sent) > 0.01)
+        if n16 == 0 or loud.size == 0:
             return None
+        sent = sent[: loud[0] + int(LOCATE_S * MODEL_RATE)]
         received = self.audio[: n16 * 3].astype(np.float32).reshape(-1, 3).mean(axis=1) / 32768.0
         size = 1 << int(np.ceil(np.log2(received.size + sent.size)))
         corr = np.fft.irfft(np.fft.rfft(received, size) * np.conj(np.fft.rfft(sent, size)), size)[: received.size]

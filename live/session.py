@@ -75,7 +75,7 @@ class Session:
         self.clock = SessionClock()
         self.feed = AudioFeed(
             fps=eng.fps, push=self._push_audio, generated=lambda: handle.frames_generated,
-            max_backlog_frames=math.ceil(delay_s * eng.fps) + eng.frames_per_block,
+            max_backlog=lambda: self._max_backlog(delay_s),
             history_s=delay_s + MAX_LEAD_S + HISTORY_MARGIN_S, mic_grace_s=MIC_GRACE_S,
             fill_slack_s=INPUT_SLACK_S, max_lead_s=MAX_LEAD_S, metrics=self._metrics)
         self.output = SessionOutput(self.clock, eng.fps, self.feed, eng.ring, eng.width, eng.height, delay_s,
@@ -159,6 +159,18 @@ class Session:
         except MediaStreamError:
             pass
 
+    def _max_backlog(self, delay_s: float) -> int:
+        """Frames of input the engine may have waiting: as many whole blocks as it can generate within the output
+        delay at its current speed (its worker's block time × the engines sharing it), and never less than one
+        block plus lookahead, which normal operation needs."""
+        eng, worker = self.handle.engine, self.handle.worker
+        block_s = worker.block_estimate_s() * max(1, worker.engines)
+        floor = eng.frames_per_block + math.ceil(eng.lookahead_samples / self.feed.samples_per_frame)
+        ceiling = math.ceil(delay_s * eng.fps) + eng.frames_per_block
+        if block_s <= 0:
+            return ceiling
+        return max(floor, min(ceiling, eng.frames_per_block * math.floor(delay_s / block_s)))
+
     def _push_audio(self, pcm: np.ndarray) -> None:
         if not self.handle.closing:
             self.handle.engine.push_audio(pcm)
@@ -227,6 +239,9 @@ class Session:
             "frames_generated": self.handle.frames_generated,
             "frames_sent": self.output.frames_sent,
             "frames_repeated": self.output.frames_repeated,
+            "silence_filled_s": round(self.feed.filled_samples / SAMPLE_RATE, 2),
+            "mic_dropped_s": round(self.feed.dropped_samples / SAMPLE_RATE, 2),
+            "frames_withheld": self.feed.withheld_frames,
             "size": [self.handle.engine.width, self.handle.engine.height],
         }
 

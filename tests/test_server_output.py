@@ -40,7 +40,7 @@ async def test_video_repeats_when_late_and_audio_keeps_its_clock():
     ring = FrameRing(48, 8, 8)
     pushed: list[np.ndarray] = []
     produced = [0]
-    feed = AudioFeed(fps=FPS, push=pushed.append, generated=lambda: produced[0], max_backlog_frames=200,
+    feed = AudioFeed(fps=FPS, push=pushed.append, generated=lambda: produced[0], max_backlog=lambda: 200,
                      history_s=10, mic_grace_s=5, fill_slack_s=0.06, max_lead_s=0.2, metrics=metrics)
     output = SessionOutput(clock, FPS, feed, ring, 8, 8, delay_s=0.3, metrics=metrics, on_input=lambda: None)
     pump = asyncio.ensure_future(output.run())
