@@ -125,8 +125,10 @@ def vae_decode() -> None:
     g = torch.Generator(device=DEV).manual_seed(0)
     for bench_mode, fmt in ((False, None), (True, None), (False, torch.channels_last_3d), (True, torch.channels_last_3d)):
         torch.backends.cudnn.benchmark = bench_mode
-        if fmt is not None:
-            vae = vae.to(memory_format=fmt)
+        if fmt is not None:  # only the 5-D conv weights can take the layout
+            for m in vae.modules():
+                if isinstance(m, torch.nn.Conv3d):
+                    m.weight.data = m.weight.data.contiguous(memory_format=fmt)
         dec = StreamingVAEDecoder(vae)
         dec.decode(torch.randn(1, 16, 7, 48, 88, device=DEV, dtype=torch.bfloat16, generator=g))
         lat = torch.randn(1, 16, 3, 48, 88, device=DEV, dtype=torch.bfloat16, generator=g)

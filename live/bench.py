@@ -337,7 +337,9 @@ def command_line(args: argparse.Namespace) -> str:
         if getattr(args, flag, False):
             parts.append("--" + flag.replace("_", "-"))
     parts += ["--blocks", str(args.blocks), "--warmup", str(args.warmup)]
-    return shlex.join(parts)
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items())
+           if k.startswith("LIVE_AVATAR_") and k != "LIVE_AVATAR_BENCH_PROFILE"]
+    return shlex.join(env + parts)
 
 
 # ----- entry point -----------------------------------------------------------------------------------------

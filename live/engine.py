@@ -90,6 +90,10 @@ class ModelStack:
             from .cpu_vae import speed_up_vae_
 
             speed_up_vae_(vae)
+        elif device.type == "cuda":
+            from model.vae_layout import channels_last_vae_
+
+            channels_last_vae_(vae)
         for m in (dit, vae, w2v, text):
             m.eval().requires_grad_(False)
         if settings.fp8:
