@@ -380,7 +380,9 @@ def main(args: argparse.Namespace) -> int:
     profile_to = Path(profile_env) if profile_env else None
     results: list[RunResult] = []
     failed = 0
-    notes = [f"stack built in {load_s:.1f} s ({'random weights' if settings.checkpoint_dir is None else 'checkpoint'})"]
+    source = ("checkpoint" if settings.checkpoint_dir is not None else
+              "project weights" if getattr(settings, "weights", None) else "random weights")
+    notes = [f"stack built in {load_s:.1f} s ({source})"]
     for label, fp8, compiled in rows:
         notes += apply_variant(stack, fp8, compiled)
         for area in areas:
