@@ -99,6 +99,7 @@ async def talk(server: str, audio: Path, seconds: float | None = None, out: Path
             await asyncio.wait([ended], timeout=duration)
             stopped = time.time()
             ended.cancel()
+            await recorder.drain(stopped)
             if not any(m.get("type") == "ended" for m in messages):
                 await ws.send(json.dumps({"type": "bye"}))
             listener.cancel()
@@ -205,8 +206,11 @@ class WhepViewer:
         self.recorder.attach(self.pc)
         self.connected_at = await _connected(self.pc, CONNECT_TIMEOUT_S)
 
-    async def stop(self) -> int:
-        """DELETE the viewer resource and close; returns the HTTP status of the DELETE."""
+    async def stop(self, received_until: float | None = None) -> int:
+        """Read what was sent up to ``received_until`` (wall time, if given), then DELETE the viewer resource and
+        close; returns the HTTP status of the DELETE."""
+        if received_until is not None:
+            await self.recorder.drain(received_until)
         await self.recorder.stop()
         try:
             async with aiohttp.ClientSession() as http:

@@ -80,7 +80,11 @@ class VideoSample:
 
 @dataclass
 class SyncReport:
-    """What a peer received and how well it lines up with what it sent."""
+    """What a peer received and how well it lines up with what it sent.
+
+    ``video_frames`` counts the frames the sender sent between ``started`` and ``stopped`` (its clock, from RTCP
+    sender reports) that arrived, so a client that falls behind in processing does not count as loss.
+    """
 
     seconds: float
     fps: float
@@ -91,6 +95,7 @@ class SyncReport:
     av_offset_s: float | None
     audio_delay_s: float | None
     longest_gap_s: float | None = None
+    first_frame_s: float | None = None
     glass_to_glass_s: list[float] = field(default_factory=list)
 
     @property
@@ -108,7 +113,7 @@ class SyncReport:
             "seconds": round(self.seconds, 2), "video_frames": self.video_frames,
             "expected_frames": self.expected_frames, "frames_ratio": round(self.frames_ratio, 3),
             "audio_seconds": round(self.audio_seconds, 2), "size": self.size,
-            "longest_gap_ms": _ms(self.longest_gap_s),
+            "longest_gap_ms": _ms(self.longest_gap_s), "first_frame_ms": _ms(self.first_frame_s),
             "av_offset_ms": None if self.av_offset_s is None else round(self.av_offset_s * 1000, 1),
             "audio_delay_ms": None if self.audio_delay_s is None else round(self.audio_delay_s * 1000, 1),
             "glass_to_glass_p50_ms": _ms(self.percentile(50)), "glass_to_glass_p95_ms": _ms(self.percentile(95)),
@@ -155,6 +160,16 @@ class Recorder:
             else:
                 self.audio_clock = SenderClock(receiver, AUDIO_RATE)
                 self._tasks.append(asyncio.ensure_future(self._read_audio(track)))
+
+    async def drain(self, until: float, timeout: float = 5.0) -> None:
+        """Wait until the frames the sender sent up to wall time ``until`` have been read (a busy client may lag)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            last = self.video[-1] if self.video else None
+            sent = None if last is None or self.video_clock is None else self.video_clock.wall(last.pts)
+            if sent is not None and sent >= until:
+                return
+            await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         """Stop reading."""
@@ -284,12 +299,13 @@ class Recorder:
           ``k * 16000 / fps``; that holds while the server inserted no silence (its ``silence_filled_s`` stat).
         """
         seconds = stopped - started
-        window = [v for v in self.video if started <= v.arrival <= stopped]
+        window = [v for v in self.video if started <= self._sent_at(v) <= stopped]
         report = SyncReport(seconds=seconds, fps=fps, video_frames=len(window),
                             expected_frames=round(seconds * fps), audio_seconds=self.audio_end / AUDIO_RATE,
                             size=self.size, av_offset_s=None, audio_delay_s=None)
-        if len(window) > 1:
-            report.longest_gap_s = max(b.arrival - a.arrival for a, b in zip(window, window[1:]))
+        if window:
+            report.first_frame_s = window[0].arrival - started
+            report.longest_gap_s = max((b.arrival - a.arrival for a, b in zip(window, window[1:])), default=None)
         first = next((v for v in self.video if v.has_content), None)
         lag = self._locate(sent)
         frame_ticks = VIDEO_RATE / fps
@@ -307,6 +323,11 @@ class Recorder:
                 if v_wall is not None and a_wall is not None:
                     report.av_offset_s = v_wall - a_wall
         return report
+
+    def _sent_at(self, frame: VideoSample) -> float:
+        """When the sender sent a frame (its arrival time if no sender report came)."""
+        wall = self.video_clock.wall(frame.pts) if self.video_clock is not None else None
+        return frame.arrival if wall is None else wall
 
     def _locate(self, sent: np.ndarray) -> int | None:
         """Where (16 kHz samples from the audio track's start) the sent audio begins in the received audio.

@@ -60,8 +60,8 @@ async def test_two_sessions_run_at_once_and_a_third_is_refused(server_url, speec
     assert results[0].session_id != results[1].session_id
     for result in results:
         summary = result.report.summary()
-        # Each got its video all along (no freeze) ...
-        assert result.report.longest_gap_s < 1.0, summary
+        # Each got its video all along ...
+        assert result.report.frames_ratio >= 0.9, summary
         # ... and frames generated from its own audio (content after the plain pre-roll).
         assert result.report.glass_to_glass_s, summary
         stats = [m for m in result.server_messages if m.get("type") == "stats"]

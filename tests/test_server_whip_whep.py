@@ -33,7 +33,7 @@ async def test_whip_client_drives_a_session_that_a_whep_viewer_watches(server_ur
         assert next(s for s in (await get_json(server_url + "/health"))["sessions"]
                     if s["id"] == publisher.session_id)["viewers"] == 1
     finally:
-        viewer_status = await viewer.stop()
+        viewer_status = await viewer.stop(received_until=time.time())
         publisher_status = await publisher.stop()
     report = viewer.recorder.report(speech_16k, lambda i: publisher.mic.spoken_at(lead + i), 25.0,
                                     viewer.connected_at, stopped)
