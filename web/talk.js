@@ -9,7 +9,7 @@ const ui = {
   repeated: $("st-repeated"), session: $("st-session"),
 };
 
-let chosenImage = "default";
+let chosenImage = null; // a sample name or an upload id; null = the server's default character
 let call = null; // {pc, ws, mic, statsTimer, serverLatency, lastFrames, lastTime}
 
 function showError(message) {
@@ -29,14 +29,10 @@ function addImageChoice(name, label, url) {
   button.dataset.image = name;
   button.title = label;
   button.setAttribute("aria-pressed", String(name === chosenImage));
-  if (url) {
-    const img = document.createElement("img");
-    img.src = url;
-    img.alt = label;
-    button.appendChild(img);
-  } else {
-    button.textContent = label;
-  }
+  const img = document.createElement("img");
+  img.src = url;
+  img.alt = label;
+  button.appendChild(img);
   button.addEventListener("click", () => chooseImage(name));
   ui.images.appendChild(button);
 }
@@ -49,10 +45,10 @@ function chooseImage(name) {
 }
 
 async function loadSamples() {
-  addImageChoice("default", "Default", null);
   try {
     const samples = await (await fetch("/api/samples")).json();
     for (const s of samples) addImageChoice(s.name, s.name, s.url);
+    if (samples.length) chooseImage(samples[0].name);
   } catch (err) {
     showError(`Could not list sample images: ${err}`);
   }
