@@ -23,7 +23,7 @@ from .output import SessionOutput
 from .peer import PeerLink
 from .settings import Settings
 from .tracks import AvatarAudioTrack, AvatarVideoTrack, configure_aiortc, prefer_h264
-from .worker import EngineHandle, EngineWorker, worker_devices
+from .worker import EngineHandle, EngineWorker, WorkerBusy, worker_devices
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ ENGINE_CLOSE_TIMEOUT_S = 30.0
 
 class AdmissionError(RuntimeError):
     """No session can be started now (the server is full or the model is not loaded)."""
+
+
+class EngineStartError(RuntimeError):
+    """The engine could not start a session (e.g. it rejected the reference image)."""
 
 
 class ViewerLimit(RuntimeError):
@@ -306,6 +310,11 @@ class SessionManager:
         self._starting += 1
         try:
             handle = await worker.open(options.image, options.prompt, self.settings.seed)
+        except WorkerBusy:
+            raise
+        except Exception as exc:
+            log.exception("engine start failed")
+            raise EngineStartError(f"the avatar engine could not start: {exc.__class__.__name__}: {exc}") from exc
         finally:
             self._starting -= 1
         session = Session(self, kind, options, handle, self._delay_s(worker, handle))

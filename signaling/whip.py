@@ -11,7 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from live.peer import MAX_SDP_BYTES, OfferError, parse_offer
-from live.session import AdmissionError
+from live.session import AdmissionError, EngineStartError
 from live.worker import WorkerBusy
 
 from .http import error_response, read_sdp
@@ -32,6 +32,8 @@ async def publish(request: web.Request) -> web.Response:
         session = await state.manager.create("whip", options)
     except (AdmissionError, WorkerBusy) as exc:
         return error_response(503, str(exc), {"Retry-After": str(RETRY_AFTER_S)})
+    except EngineStartError as exc:
+        return error_response(500, str(exc))
     try:
         answer = await session.connect_ingest(sdp)
     except OfferError as exc:

@@ -24,7 +24,7 @@ from aiortc.sdp import candidate_from_sdp
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from live.peer import MAX_SDP_BYTES, OfferError, parse_offer
-from live.session import AdmissionError, Session
+from live.session import AdmissionError, EngineStartError, Session
 from live.worker import WorkerBusy
 
 from .images import MAX_PROMPT_CHARS, resolve_options
@@ -146,7 +146,7 @@ class _Connection:
             return
         try:
             session = await self.state.manager.create("ws", options)
-        except (AdmissionError, WorkerBusy) as exc:
+        except (AdmissionError, WorkerBusy, EngineStartError) as exc:
             await self.error(str(exc))
             return
         try:
@@ -226,7 +226,11 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                await conn.handle(msg.data)
+                try:
+                    await conn.handle(msg.data)
+                except Exception as exc:  # noqa: BLE001 - one bad message must not end the connection
+                    log.exception("signaling message failed")
+                    await conn.error(f"internal error: {exc.__class__.__name__}: {exc}")
             elif msg.type == WSMsgType.BINARY:
                 await conn.error("binary messages are not supported; send JSON text")
             elif msg.type == WSMsgType.ERROR:
