@@ -152,16 +152,10 @@ class StreamEngine:
     def start(self, image: Image.Image | None = None, prompt: str = "") -> None:
         """Encode the reference, prefill the sink, prime the VAE cache and allocate the ring."""
         st, s = self.stack, self.stack.settings
-        img = image if image is not None else default_character()
-        self.height, self.width = generation_size((img.height, img.width), s.video.size_area, s.video.size_multiple)
-        lat_h, lat_w = self.height // VAE_SPATIAL_STRIDE, self.width // VAE_SPATIAL_STRIDE
-        pixels = image_to_tensor(img, self.height, self.width).to(st.device, st.dtype)
-        ref_latent = encode_video(st.vae, pixels)
+        ref_latent, motion_latents = self._encode_reference(image)
         dit_cfg = st.dit.config
-        motion_video = pixels.expand(-1, -1, dit_cfg.motion_frames, -1, -1)
-        motion_latents = encode_video(st.vae, motion_video)
         self._text_kv = self._encode_prompt(prompt)
-        self.caches = st.dit.new_caches(s.stream.steps, lat_h, lat_w, device=st.device, dtype=st.dtype)
+        self.caches = st.dit.new_caches(s.stream.steps, *ref_latent.shape[-2:], device=st.device, dtype=st.dtype)
         st.dit.prefill_sink(self.caches, ref_latent, motion_latents, self._text_kv)
         self._motion_latents = motion_latents
         self._refresh_at = dit_cfg.kv_cache_frames // dit_cfg.frames_per_block if s.stream.refresh_sink else None
@@ -170,12 +164,30 @@ class StreamEngine:
         warm = s.stream.vae_warmup_latents
         if warm:
             self.decoder.decode(motion_latents[:, :, :warm])
+        self._open_stream_io()
+
+    def _encode_reference(self, image: Image.Image | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fix the generation size from the image and VAE-encode it: (reference latent [1,16,1,h,w], motion
+        latents [1,16,19,h,w] — the image repeated ``motion_frames`` times, as upstream does)."""
+        st, s = self.stack, self.stack.settings
+        img = image if image is not None else default_character()
+        self.height, self.width = generation_size((img.height, img.width), s.video.size_area, s.video.size_multiple)
+        pixels = image_to_tensor(img, self.height, self.width).to(st.device, st.dtype)
+        ref_latent = encode_video(st.vae, pixels)
+        motion_latents = encode_video(st.vae, pixels.expand(-1, -1, st.dit.config.motion_frames, -1, -1))
+        return ref_latent, motion_latents
+
+    def _open_stream_io(self) -> None:
+        """Allocate the frame ring, the audio window and the noise generator of a started stream."""
+        st, s = self.stack, self.stack.settings
+        dit_cfg = st.dit.config
         self.ring = FrameRing(s.stream.ring_capacity_frames, self.height, self.width, st.device)
         self.window = AudioWindow(sample_rate=SAMPLE_RATE, fps=self.fps, frames_per_block=self.frames_per_block,
                                   left_context_s=s.stream.audio_left_context_s,
                                   lookahead_s=s.stream.audio_lookahead_s, leading_silence_frames=self.drop_first)
         self._generator = torch.Generator(device=st.device).manual_seed(self.seed)
-        self._latent_shape = (1, dit_cfg.in_dim, dit_cfg.frames_per_block, lat_h, lat_w)
+        self._latent_shape = (1, dit_cfg.in_dim, dit_cfg.frames_per_block,
+                              self.height // VAE_SPATIAL_STRIDE, self.width // VAE_SPATIAL_STRIDE)
 
     def _encode_prompt(self, prompt: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         st = self.stack

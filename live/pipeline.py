@@ -49,12 +49,9 @@ import torch.multiprocessing
 from PIL import Image
 
 from model.dit import AudioTokens
-from model.vae import encode_video
 
-from .audio_window import AudioBlock, AudioWindow
-from .engine import SAMPLE_RATE, VAE_SPATIAL_STRIDE, ModelStack, StreamEngine
-from .frame_ring import FrameRing
-from .images import default_character, generation_size, image_to_tensor
+from .audio_window import AudioBlock
+from .engine import ModelStack, StreamEngine
 from .pipeline_mesh import Mesh, MeshError, Message, StagePlan, StoreAddress, apply_safe_env, check_backend
 from .pipeline_stage import Kind, StageWorker, plan_for, run_rank
 
@@ -443,22 +440,11 @@ class PipelineEngine(StreamEngine):
     @torch.no_grad()
     def start(self, image: Image.Image | None = None, prompt: str = "") -> None:
         """Encode the reference on rank 0, prefill every rank's caches, prime the decoder, allocate the ring."""
-        st, s = self.stack, self.stack.settings
-        img = image if image is not None else default_character()
-        self.height, self.width = generation_size((img.height, img.width), s.video.size_area, s.video.size_multiple)
-        lat_h, lat_w = self.height // VAE_SPATIAL_STRIDE, self.width // VAE_SPATIAL_STRIDE
-        pixels = image_to_tensor(img, self.height, self.width).to(st.device, st.dtype)
-        dit_cfg = st.dit.config
-        ref_latent = encode_video(st.vae, pixels)
-        motion_latents = encode_video(st.vae, pixels.expand(-1, -1, dit_cfg.motion_frames, -1, -1))
+        s = self.stack.settings
+        ref_latent, motion_latents = self._encode_reference(image)
         self.session, self._route = self.host.open_session(ref_latent, motion_latents, self._text_context(prompt),
                                                            s.stream.vae_warmup_latents, self.drop_first)
-        self.ring = FrameRing(s.stream.ring_capacity_frames, self.height, self.width, st.device)
-        self.window = AudioWindow(sample_rate=SAMPLE_RATE, fps=self.fps, frames_per_block=self.frames_per_block,
-                                  left_context_s=s.stream.audio_left_context_s,
-                                  lookahead_s=s.stream.audio_lookahead_s, leading_silence_frames=self.drop_first)
-        self._generator = torch.Generator(device=st.device).manual_seed(self.seed)
-        self._latent_shape = (1, dit_cfg.in_dim, dit_cfg.frames_per_block, lat_h, lat_w)
+        self._open_stream_io()
 
     def _text_context(self, prompt: str) -> torch.Tensor:
         st = self.stack
