@@ -8,9 +8,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+ENCODE_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.1)
 BLOCK_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.48, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0)
 
 
@@ -66,6 +67,11 @@ class SessionGauges:
     generated_fps: float
     sent_fps: float
     mouth_to_photon_s: float
+    frames_sent: int = 0
+    frames_encoded: int = 0
+    video_consumers: int = 0
+    rtmp_connected: int | None = None
+    rtmp_reconnects: int = 0
 
 
 @dataclass
@@ -98,6 +104,28 @@ class _LiveCollector(Collector):
             for s in live.sessions:
                 fam.add_metric([s.session_id], getattr(s, attr))
             yield fam
+        for name, doc, attr in [
+            ("live_avatar_session_frames_sent", "Video frames the session's output published.", "frames_sent"),
+            ("live_avatar_session_frames_encoded",
+             "Video frames the session's shared encoder encoded (once per frame, whatever the number of consumers).",
+             "frames_encoded"),
+            ("live_avatar_rtmp_reconnects", "Times the session's RTMP push reconnected.", "rtmp_reconnects"),
+        ]:
+            counter = CounterMetricFamily(name, doc, labels=["session"])
+            for s in live.sessions:
+                counter.add_metric([s.session_id], getattr(s, attr))
+            yield counter
+        consumers = GaugeMetricFamily("live_avatar_video_consumers",
+                                      "Consumers of the session's encoded video (WebRTC senders, RTMP).",
+                                      labels=["session"])
+        rtmp = GaugeMetricFamily("live_avatar_rtmp_connected", "1 while the session's RTMP push is connected.",
+                                 labels=["session"])
+        for s in live.sessions:
+            consumers.add_metric([s.session_id], s.video_consumers)
+            if s.rtmp_connected is not None:
+                rtmp.add_metric([s.session_id], s.rtmp_connected)
+        yield consumers
+        yield rtmp
         engines = GaugeMetricFamily("live_avatar_engines", "Stream engines held by each worker.", labels=["device"])
         for device, n in live.engines_by_device.items():
             engines.add_metric([device], n)
@@ -123,6 +151,13 @@ class ServerMetrics:
         self.frames_repeated = Counter("live_avatar_frames_repeated",
                                        "Video ticks that repeated the last frame because generation was late.",
                                        registry=r)
+        self.frames_encoded = Counter("live_avatar_frames_encoded",
+                                      "Video frames encoded by the sessions' shared H.264 encoders.", registry=r)
+        self.frames_encode_dropped = Counter("live_avatar_frames_encode_dropped",
+                                             "Video frames dropped because a shared encoder fell behind.",
+                                             registry=r)
+        self.encode_seconds = Histogram("live_avatar_encode_seconds", "Wall time of one shared H.264 encode "
+                                        "(RGB to YUV conversion included).", buckets=ENCODE_BUCKETS, registry=r)
         self.audio_filled_seconds = Counter("live_avatar_audio_filled_seconds",
                                             "Silence inserted into the input because no mic audio arrived.",
                                             registry=r)

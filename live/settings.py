@@ -58,6 +58,22 @@ class ServerSettings(BaseModel):
     max_image_side: int = 4096
 
 
+class OutputSettings(BaseModel):
+    """The session's shared encode (one per session, for every consumer), RTMP push and virtual camera."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: Literal["auto", "libx264", "h264_nvenc"] = Field("auto", description="H.264 encoder: 'auto' tries "
+                                                              "NVENC on CUDA sessions and falls back to libx264.")
+    x264_preset: str = Field("veryfast", description="libx264 preset (aiortc's default would be 'medium').")
+    video_kbps: int | None = Field(None, description="Video bitrate; None = 0.1 bit per pixel per frame.")
+    keyframe_interval_s: float = Field(2.0, gt=0, description="Seconds between regular keyframes (RTMP services "
+                                       "want 2 s); receivers may ask for more (PLI/FIR), rate-limited.")
+    rtmp_audio_kbps: int = 128
+    vcam_device: str | None = Field(None, description="v4l2loopback device (e.g. /dev/video10) that each new "
+                                    "session shows its video on (pip extra [vcam]); None = no virtual camera.")
+
+
 class PipelineSettings(BaseModel):
     """Step pipeline over several GPUs of one host (live/pipeline.py): rank i runs denoising steps i, i+N, ..."""
 
@@ -94,6 +110,7 @@ class Settings(BaseSettings):
     video: VideoSettings = VideoSettings()
     stream: StreamSettings = StreamSettings()
     server: ServerSettings = ServerSettings()
+    output: OutputSettings = OutputSettings()
     pipeline: PipelineSettings = PipelineSettings()
     source: Path | None = None
 

@@ -76,3 +76,20 @@ def speech_16k(speech_wav):
     from live.media import read_audio_16k
 
     return read_audio_16k(speech_wav)
+
+
+# ----- output fixtures (live/rtmp.py) -------------------------------------------------------------------
+@pytest.fixture
+def nginx_rtmp(tmp_path):
+    """A real nginx-rtmp server on a free loopback port (skips if nginx or its RTMP module is absent)."""
+    from tests.nginx_rtmp import NginxRtmp, missing
+
+    reason = missing()
+    if reason is not None:
+        pytest.skip(reason)
+    server = NginxRtmp(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
