@@ -38,7 +38,7 @@ AUDIO_PTIME = 0.02
 AUDIO_CHUNK = round(SAMPLE_RATE * AUDIO_PTIME)
 AUDIO_MAX_LATE_CHUNKS = 10
 OPUS_BITRATE = 32000
-ENCODE_QUEUE = 2
+ENCODE_QUEUE = 4
 KEYFRAME_MIN_INTERVAL_S = 0.5
 BITS_PER_PIXEL = 0.1
 LEVEL_31_MACROBLOCKS = 3600
@@ -145,7 +145,8 @@ class SharedVideoEncoder:
         self._metrics = metrics
         self._queue: queue.Queue[tuple[int, np.ndarray] | None] = queue.Queue(ENCODE_QUEUE)
         self._want_key = True
-        self._last_key = -math.inf
+        self._key_gap = max(1, round(KEYFRAME_MIN_INTERVAL_S * fps))
+        self._last_key = -self._key_gap
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._encode_forever, name="h264-encoder", daemon=True)
 
@@ -192,23 +193,22 @@ class SharedVideoEncoder:
         except queue.Empty:
             dropped = None
         if dropped is not None:
+            # A frame that was never encoded breaks no reference: receivers just see a longer frame interval.
             self.frames_dropped += 1
             self._metrics.frames_encode_dropped.inc()
-            self._want_key = True
         self._queue.put_nowait(item)
 
     def encode(self, n: int, rgb: np.ndarray) -> list[VideoPacket]:
         """Encode output frame ``n`` now (the encoder thread's work; the benchmark calls it directly)."""
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
         frame.pts = n
-        now = time.monotonic()
-        if self._want_key and now - self._last_key >= KEYFRAME_MIN_INTERVAL_S:
+        if self._want_key and n - self._last_key >= self._key_gap:
             self._want_key = False
             frame.pict_type = av.video.frame.PictureType.I
         out = []
         for packet in self.codec.encode(frame):
             if packet.is_keyframe:
-                self._last_key = now
+                self._last_key = int(packet.pts)
                 self.keyframes += 1
             out.append(VideoPacket(int(packet.pts), bytes(packet), packet.is_keyframe))
         self.frames_encoded += 1

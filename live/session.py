@@ -18,11 +18,13 @@ from PIL import Image
 
 from .audio_feed import SAMPLE_RATE, AudioFeed
 from .clock import SessionClock
+from .encoder import SharedAudioEncoder, SharedVideoEncoder
 from .metrics import CounterRate, LiveGauges, ServerMetrics, SessionGauges
 from .output import SessionOutput
 from .peer import PeerLink
+from .rtmp import RtmpPush
 from .settings import Settings
-from .tracks import AvatarAudioTrack, AvatarVideoTrack, configure_aiortc, prefer_h264
+from .tracks import AvatarAudioTrack, AvatarVideoTrack, prefer_h264, require_h264, route_keyframe_requests
 from .worker import EngineHandle, EngineWorker, WorkerBusy, worker_devices
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,10 @@ class Session:
             fill_slack_s=INPUT_SLACK_S, max_lead_s=MAX_LEAD_S, metrics=self._metrics)
         self.output = SessionOutput(self.clock, eng.fps, self.feed, eng.ring, eng.width, eng.height, delay_s,
                                     self._metrics, on_input=handle.worker.wake)
+        self.video_encoder = SharedVideoEncoder(eng.width, eng.height, eng.fps, manager.settings.output,
+                                                self._metrics, handle.worker.device)
+        self.audio_encoder = SharedAudioEncoder()
+        self.rtmp: RtmpPush | None = None
         self.talker: PeerLink | None = None
         self.viewers: dict[str, PeerLink] = {}
         self.ended = asyncio.Event()
@@ -95,15 +101,18 @@ class Session:
         handle.on_error = lambda exc: loop.call_soon_threadsafe(
             self.spawn, self.close(f"engine error: {exc.__class__.__name__}: {exc}"))
         self.spawn(self.output.run())
+        self.spawn(self.video_encoder.run(self.output))
+        self.spawn(self.audio_encoder.run(self.output))
 
     # ----- peers ----------------------------------------------------------------------------------------
     async def connect_talker(self, offer_sdp: str) -> str:
         """The talker's peer: its mic drives the avatar and it receives the avatar. Returns the SDP answer."""
         link = PeerLink("talker", self._talker_gone)
-        video, audio = AvatarVideoTrack(self.output), AvatarAudioTrack(self.output)
-        prefer_h264(link.pc.addTransceiver(video, direction="sendonly"))
-        link.pc.addTransceiver(audio, direction="sendrecv")
-        return await self._connect(link, offer_sdp, refuse=())
+        video = self._add_video(link)
+        link.pc.addTransceiver(AvatarAudioTrack(self.audio_encoder), direction="sendrecv")
+        answer = await self._connect(link, offer_sdp, refuse=())
+        require_h264(video)
+        return answer
 
     async def connect_ingest(self, offer_sdp: str) -> str:
         """A WHIP peer: its audio drives the avatar, it receives nothing. Returns the SDP answer."""
@@ -114,10 +123,11 @@ class Session:
         if len(self.viewers) >= MAX_VIEWERS:
             raise ViewerLimit(f"session {self.id} already has {MAX_VIEWERS} viewers")
         link = PeerLink("viewer", lambda lk, reason: self.spawn(self.remove_viewer(lk.id)))
-        prefer_h264(link.pc.addTransceiver(AvatarVideoTrack(self.output), direction="sendonly"))
-        link.pc.addTransceiver(AvatarAudioTrack(self.output), direction="sendonly")
+        video = self._add_video(link)
+        link.pc.addTransceiver(AvatarAudioTrack(self.audio_encoder), direction="sendonly")
         try:
             answer = await link.answer(offer_sdp)
+            require_h264(video)
         except BaseException:
             await link.close()
             raise
@@ -131,6 +141,13 @@ class Session:
             return False
         await link.close()
         return True
+
+    def _add_video(self, link: PeerLink):
+        """The shared encoder's video on a new sendonly H.264 transceiver that routes PLI/FIR to the encoder."""
+        transceiver = link.pc.addTransceiver(AvatarVideoTrack(self.video_encoder), direction="sendonly")
+        prefer_h264(transceiver)
+        route_keyframe_requests(transceiver, self.video_encoder)
+        return transceiver
 
     async def _connect(self, link: PeerLink, offer_sdp: str, refuse: tuple[str, ...]) -> str:
         link.pc.on("track", lambda track: self._remote_track(link, track))
@@ -180,6 +197,26 @@ class Session:
             self.handle.engine.push_audio(pcm)
 
     # ----- control --------------------------------------------------------------------------------------
+    async def start_rtmp(self, url: str) -> dict:
+        """Push this session to ``url`` (replacing a running push); raises ``RtmpUrlError`` for a bad URL.
+
+        Returns the push status; the push connects and reconnects on its own thread.
+        """
+        push = RtmpPush(url, self.video_encoder, self.audio_encoder, self._manager.settings.output.rtmp_audio_kbps)
+        await self.stop_rtmp()
+        self.rtmp = push
+        push.start()
+        log.info("session %s: RTMP push to %s", self.id, push.status.url)
+        return push.status.as_dict()
+
+    async def stop_rtmp(self) -> bool:
+        """Stop the RTMP push; False if there was none."""
+        push, self.rtmp = self.rtmp, None
+        if push is None:
+            return False
+        await push.stop()
+        return True
+
     def set_prompt(self, prompt: str) -> None:
         """Change the prompt; it takes effect at the next block."""
         self.options.prompt = prompt
@@ -211,11 +248,13 @@ class Session:
         self.end_reason = reason
         log.info("session %s closed: %s", self.id, reason)
         self.output.close()
+        self.video_encoder.close()
         self.handle.close()
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
                 task.cancel()
+        await self.stop_rtmp()
         links = [lk for lk in (self.talker, *self.viewers.values()) if lk is not None]
         self.viewers.clear()
         await asyncio.gather(*(lk.close() for lk in links), return_exceptions=True)
@@ -247,6 +286,11 @@ class Session:
             "mic_dropped_s": round(self.feed.dropped_samples / SAMPLE_RATE, 2),
             "frames_withheld": self.feed.withheld_frames,
             "size": [self.handle.engine.width, self.handle.engine.height],
+            "encoder": {"name": self.video_encoder.name, "frames_encoded": self.video_encoder.frames_encoded,
+                        "frames_dropped": self.video_encoder.frames_dropped,
+                        "keyframes": self.video_encoder.keyframes,
+                        "consumers": len(self.video_encoder.packets)},
+            "rtmp": None if self.rtmp is None else self.rtmp.status.as_dict(),
         }
 
     def gauges(self) -> SessionGauges:
@@ -259,6 +303,11 @@ class Session:
             generated_fps=self._generated_rate.rate(self.handle.frames_generated),
             sent_fps=self.output.sent_meter.rate(),
             mouth_to_photon_s=self.output.delay_s if delay is None else delay,
+            frames_sent=self.output.frames_sent,
+            frames_encoded=self.video_encoder.frames_encoded,
+            video_consumers=len(self.video_encoder.packets),
+            rtmp_connected=None if self.rtmp is None else int(self.rtmp.connected),
+            rtmp_reconnects=0 if self.rtmp is None else self.rtmp.status.reconnects,
         )
 
 
@@ -278,7 +327,6 @@ class SessionManager:
 
     async def start(self) -> None:
         """Load the models (on the worker threads) and start reaping."""
-        configure_aiortc(self.settings.video.fps)
         for worker in self.workers:
             worker.start()
         results = await asyncio.gather(*(w.wait_ready() for w in self.workers), return_exceptions=True)
@@ -317,7 +365,12 @@ class SessionManager:
             raise EngineStartError(f"the avatar engine could not start: {exc.__class__.__name__}: {exc}") from exc
         finally:
             self._starting -= 1
-        session = Session(self, kind, options, handle, self._delay_s(worker, handle))
+        try:
+            session = Session(self, kind, options, handle, self._delay_s(worker, handle))
+        except Exception as exc:
+            handle.close()
+            log.exception("session outputs failed to start")
+            raise EngineStartError(f"the session's outputs could not start: {exc.__class__.__name__}: {exc}") from exc
         self.sessions[session.id] = session
         self.metrics.sessions_started.inc()
         log.info("session %s started (%s), output delay %.3f s", session.id, kind, session.output.delay_s)

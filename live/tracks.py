@@ -1,135 +1,159 @@
-"""WebRTC tracks of a session's output (thin adapters over :class:`SessionOutput`) and aiortc encoder settings."""
+"""WebRTC tracks of a session's output: thin adapters that hand aiortc the session's shared encoders' packets.
+
+aiortc's ``RTCRtpSender`` packetizes an ``av.Packet`` from ``recv()`` without encoding it (H.264 and Opus alike),
+so every sender of a session — the talker's and each WHEP viewer's — sends the same encoded stream. Keyframe
+requests (PLI/FIR) reach the sender's ``_send_keyframe``, which only affects frames aiortc encodes itself; for
+packet tracks :func:`route_keyframe_requests` points it at the shared encoder instead.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import fractions
-import math
+from collections import deque
 
 import av
 from aiortc import MediaStreamTrack, RTCRtpSender, RTCRtpTransceiver
-from aiortc import rtcrtpsender
-from aiortc.codecs.h264 import H264Encoder
 from aiortc.mediastreams import MediaStreamError
 
 from .audio_feed import SAMPLE_RATE
-from .output import OutputClosed, SessionOutput
+from .encoder import AUDIO_CHUNK, AudioChunk, SharedAudioEncoder, SharedVideoEncoder, VideoPacket
+from .peer import OfferError
 
 VIDEO_CLOCK_RATE = 90000
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
-AUDIO_PTIME = 0.02
-AUDIO_CHUNK = round(SAMPLE_RATE * AUDIO_PTIME)
-AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
-AUDIO_MAX_LATE_CHUNKS = 10
-X264_PRESET = "veryfast"
+OPUS_CLOCK_RATE = 48000
+OPUS_TIME_BASE = fractions.Fraction(1, OPUS_CLOCK_RATE)
+OPUS_TICKS_PER_CHUNK = OPUS_CLOCK_RATE * AUDIO_CHUNK // SAMPLE_RATE
+VIDEO_BACKLOG = 25
+AUDIO_BACKLOG = 25
+
+
+class _Subscription:
+    """A bounded queue of a fan-out's items for one track; the oldest item goes when it is full."""
+
+    def __init__(self, capacity: int) -> None:
+        self.items: deque = deque(maxlen=capacity)
+        self.overflowed = False
+        self._ready = asyncio.Event()
+        self.unsubscribe = lambda: None
+
+    def deliver(self, item) -> None:
+        if len(self.items) == self.items.maxlen:
+            self.overflowed = True
+        self.items.append(item)
+        self._ready.set()
+
+    async def get(self):
+        while not self.items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self.items.popleft()
+
+    def close(self) -> None:
+        self.unsubscribe()
+        self.items.append(None)
+        self._ready.set()
 
 
 class AvatarVideoTrack(MediaStreamTrack):
-    """The avatar video of one session: frame ``n`` is stamped ``n / fps`` on the session clock.
+    """The session's encoded video: the packet of frame ``n`` stamped ``n / fps`` on the session clock (90 kHz).
 
-    The pump paces frames at the configured fps; aiortc's ``VideoStreamTrack`` would pace at its fixed 30 fps with a
-    clock of its own.
+    A new track starts at a keyframe (it asks the encoder for one and skips packets until it comes); a track that
+    falls ``VIDEO_BACKLOG`` packets behind drops the oldest and waits for the next keyframe again, asking for it.
     """
 
     kind = "video"
 
-    def __init__(self, output: SessionOutput) -> None:
-        """Read frames from ``output``."""
+    def __init__(self, encoder: SharedVideoEncoder) -> None:
+        """Send ``encoder``'s packets."""
         super().__init__()
-        self._output = output
-        self._last = -1
+        self._encoder = encoder
+        self._sub: _Subscription | None = None
+        self._need_key = True
 
-    async def recv(self) -> av.VideoFrame:
-        """The next published frame (frames are skipped, never queued, if this sink falls behind)."""
+    async def recv(self) -> av.Packet:
+        """The next encoded frame as it leaves the shared encoder."""
         if self.readyState != "live":
             raise MediaStreamError
-        try:
-            n, rgb = await self._output.next_frame(self._last)
-        except OutputClosed:
-            self.stop()
-            raise MediaStreamError from None
-        self._last = n
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        frame.pts = round(n * VIDEO_CLOCK_RATE / self._output.fps)
-        frame.time_base = VIDEO_TIME_BASE
-        return frame
+        if self._sub is None:
+            self._sub = _Subscription(VIDEO_BACKLOG)
+            self._sub.unsubscribe = self._encoder.packets.subscribe(self._sub.deliver)
+            self._encoder.request_keyframe()
+        while True:
+            if self._sub.overflowed:
+                self._sub.overflowed, self._need_key = False, True
+                self._encoder.request_keyframe()
+            item: VideoPacket | None = await self._sub.get()
+            if item is None:
+                raise MediaStreamError
+            if self._need_key and not item.keyframe:
+                continue
+            self._need_key = False
+            packet = av.Packet(item.data)
+            packet.pts = packet.dts = round(item.n * VIDEO_CLOCK_RATE / self._encoder.fps)
+            packet.time_base = VIDEO_TIME_BASE
+            return packet
+
+    def stop(self) -> None:
+        """Stop sending and leave the encoder's fan-out."""
+        if self._sub is not None:
+            self._sub.close()
+        super().stop()
 
 
 class AvatarAudioTrack(MediaStreamTrack):
-    """The session's input audio, delayed like the video: 20 ms chunks stamped and paced on the session clock."""
+    """The session's input audio, delayed like the video: one Opus packet per 20 ms chunk of the session clock."""
 
     kind = "audio"
 
-    def __init__(self, output: SessionOutput) -> None:
-        """Read audio from ``output``."""
+    def __init__(self, encoder: SharedAudioEncoder) -> None:
+        """Send ``encoder``'s Opus packets."""
         super().__init__()
-        self._output = output
-        self._chunk: int | None = None
+        self._encoder = encoder
+        self._sub: _Subscription | None = None
 
-    async def recv(self) -> av.AudioFrame:
-        """The next 20 ms chunk, released at its media time."""
-        if self.readyState != "live" or self._output.closed:
-            self.stop()
+    async def recv(self) -> av.Packet:
+        """The next 20 ms Opus packet, released at its media time."""
+        if self.readyState != "live":
             raise MediaStreamError
-        clock = self._output.clock
-        due = math.ceil(clock.now() / AUDIO_PTIME)
-        if self._chunk is None or due - self._chunk > AUDIO_MAX_LATE_CHUNKS:
-            self._chunk = due
-        await clock.sleep_until(self._chunk * AUDIO_PTIME)
-        pcm = self._output.audio(self._chunk * AUDIO_PTIME, AUDIO_CHUNK)
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = SAMPLE_RATE
-        frame.pts = self._chunk * AUDIO_CHUNK
-        frame.time_base = AUDIO_TIME_BASE
-        self._chunk += 1
-        return frame
+        if self._sub is None:
+            self._sub = _Subscription(AUDIO_BACKLOG)
+            self._sub.unsubscribe = self._encoder.chunks.subscribe(self._sub.deliver)
+        item: AudioChunk | None = await self._sub.get()
+        if item is None:
+            raise MediaStreamError
+        packet = av.Packet(item.opus)
+        packet.pts = packet.dts = item.index * OPUS_TICKS_PER_CHUNK
+        packet.time_base = OPUS_TIME_BASE
+        return packet
+
+    def stop(self) -> None:
+        """Stop sending and leave the encoder's fan-out."""
+        if self._sub is not None:
+            self._sub.close()
+        super().stop()
 
 
-class LowLatencyH264Encoder(H264Encoder):
-    """aiortc's H.264 encoder with an explicit x264 preset and the session frame rate.
+def route_keyframe_requests(transceiver: RTCRtpTransceiver, encoder: SharedVideoEncoder) -> None:
+    """Send this sender's PLI/FIR keyframe requests to the shared encoder.
 
-    aiortc leaves x264 at its default preset ("medium", about twice the CPU of "veryfast") and tells it 30 fps;
-    it has no API for either (aiortc #980), so the sender's encoder factory is wrapped by :func:`configure_aiortc`.
+    aiortc 1.16 handles PLI/FIR in ``RTCRtpSender._handle_rtcp_packet`` by calling ``self._send_keyframe()``, which
+    only flags the sender's own encoder; that encoder never runs for a track that returns packets. Overriding the
+    method on this one sender instance is the smallest hook that routes the request to the encoder that does.
     """
-
-    preset = X264_PRESET
-    fps = 25
-
-    def _encode_frame(self, frame: av.VideoFrame, force_keyframe: bool):
-        codec = self.codec
-        if codec is None or (frame.width, frame.height) != (codec.width, codec.height) or (
-            abs(self.target_bitrate - codec.bit_rate) / codec.bit_rate > 0.1
-        ):
-            self.buffer_data, self.buffer_pts = b"", None
-            self.codec = av.CodecContext.create("libx264", "w")
-            self.codec.width, self.codec.height = frame.width, frame.height
-            self.codec.bit_rate = self.target_bitrate
-            self.codec.pix_fmt = "yuv420p"
-            self.codec.framerate = fractions.Fraction(self.fps, 1)
-            self.codec.time_base = fractions.Fraction(1, self.fps)
-            self.codec.options = {"preset": self.preset, "tune": "zerolatency", "level": "31"}
-            self.codec.profile = "Baseline"
-        yield from super()._encode_frame(frame, force_keyframe)
-
-
-def configure_aiortc(fps: int) -> None:
-    """Make every aiortc H.264 sender in this process use :class:`LowLatencyH264Encoder` at ``fps``."""
-    LowLatencyH264Encoder.fps = fps
-    original = rtcrtpsender.get_encoder
-    if getattr(original, "low_latency", False):
-        return
-
-    def get_encoder(codec):
-        if codec.mimeType.lower() == "video/h264":
-            return LowLatencyH264Encoder()
-        return original(codec)
-
-    get_encoder.low_latency = True
-    rtcrtpsender.get_encoder = get_encoder
+    transceiver.sender._send_keyframe = encoder.request_keyframe
 
 
 def prefer_h264(transceiver: RTCRtpTransceiver) -> None:
-    """Offer H.264 first (the encoder we tune), then VP8, keeping retransmission (RTX)."""
+    """Offer only H.264 (what the shared encoder makes), keeping retransmission (RTX)."""
     codecs = RTCRtpSender.getCapabilities("video").codecs
-    rank = {"video/h264": 0, "video/vp8": 1, "video/rtx": 2}
-    transceiver.setCodecPreferences(sorted((c for c in codecs if c.mimeType.lower() in rank),
-                                           key=lambda c: rank[c.mimeType.lower()]))
+    transceiver.setCodecPreferences([c for c in codecs if c.mimeType.lower() in ("video/h264", "video/rtx")])
+
+
+def require_h264(transceiver: RTCRtpTransceiver) -> None:
+    """Raise :class:`OfferError` unless the negotiated video codec is H.264."""
+    codecs = transceiver._codecs
+    if not codecs or codecs[0].mimeType.lower() != "video/h264":
+        raise OfferError("this server sends H.264 video (one encode shared by every viewer); "
+                         "the offer does not accept H.264 with packetization-mode 1")

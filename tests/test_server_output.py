@@ -8,20 +8,15 @@ server tests.
 from __future__ import annotations
 
 import asyncio
-from fractions import Fraction
 
-import av
 import numpy as np
 import torch
-from aiortc import rtcrtpsender
-from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from live.audio_feed import SAMPLE_RATE, AudioFeed
 from live.clock import SessionClock
 from live.frame_ring import FrameRing
 from live.metrics import ServerMetrics
 from live.output import SessionOutput
-from live.tracks import LowLatencyH264Encoder, configure_aiortc
 
 FPS = 25
 SPF = SAMPLE_RATE // FPS
@@ -92,18 +87,3 @@ async def test_video_repeats_when_late_and_audio_keeps_its_clock():
     for n, chunk in audio:
         expected = pcm[(n - k) * SPF : (n - k + 1) * SPF]
         assert np.allclose(chunk[: expected.size] / 32767, expected, atol=1e-3)
-
-
-def test_h264_senders_use_the_configured_preset_and_frame_rate():
-    configure_aiortc(25)
-    codec = RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=102,
-                                  parameters={"packetization-mode": "1", "level-asymmetry-allowed": "1",
-                                              "profile-level-id": "42e01f"})
-    encoder = rtcrtpsender.get_encoder(codec)
-    assert isinstance(encoder, LowLatencyH264Encoder)
-    frame = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
-    frame.pts, frame.time_base = 0, Fraction(1, 90000)
-    payloads, _ = encoder.encode(frame)
-    # x264 writes its settings into the first keyframe: "veryfast" is subme=2 (aiortc's default "medium": 7).
-    assert b"subme=2 " in b"".join(payloads)
-    assert encoder.codec.framerate == 25
