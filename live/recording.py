@@ -22,10 +22,14 @@ from aiortc.clock import datetime_from_ntp
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import RtcpSrPacket
 
+from .output import PREROLL_RGB
+
 VIDEO_RATE = 90000
 AUDIO_RATE = 48000
 MODEL_RATE = 16000
 UNIFORM_STD = 6.0
+PREROLL_GRAY = 0.299 * PREROLL_RGB[0] + 0.587 * PREROLL_RGB[1] + 0.114 * PREROLL_RGB[2]
+PREROLL_MARGIN = 10.0
 REPEAT_DIFF = 0.5
 MIN_CORRELATION = 0.3
 LOCATE_S = 1.0
@@ -69,8 +73,8 @@ class SenderClock:
 
 @dataclass
 class VideoSample:
-    """One received video frame: pts (1/90000 s, relative), arrival wall time, whether it has content (not the
-    plain pre-roll) and whether it is fresh (differs from the previous frame, i.e. not a repeat)."""
+    """One received video frame: pts (1/90000 s, relative), arrival wall time, whether it has content (is not the
+    server's plain pre-roll frame) and whether it is fresh (differs from the previous frame, i.e. not a repeat)."""
 
     pts: int
     arrival: float
@@ -185,7 +189,8 @@ class Recorder:
                 arrival = time.time()
                 gray = frame.to_ndarray(format="gray").astype(np.float32)
                 fresh = prev is None or float(np.abs(gray - prev).mean()) > REPEAT_DIFF
-                self.video.append(VideoSample(frame.pts, arrival, float(gray.std()) > UNIFORM_STD, fresh))
+                content = float(gray.std()) > UNIFORM_STD or abs(float(gray.mean()) - PREROLL_GRAY) > PREROLL_MARGIN
+                self.video.append(VideoSample(frame.pts, arrival, content, fresh))
                 prev = gray
                 self.size = (frame.width, frame.height)
                 self._encode(frame)
