@@ -10,7 +10,7 @@ from live.metrics import ServerMetrics
 from live.session import SessionManager
 from live.settings import Settings
 
-from . import http, whep, whip, ws
+from . import http, rest, whep, whip, ws
 from .images import ImageStore
 from .state import STATE, ServerState
 
@@ -47,6 +47,9 @@ def create_app(settings: Settings) -> web.Application:
         web.get("/metrics", http.metrics),
         web.post("/api/images", http.upload_image),
         web.get("/api/samples", http.samples),
+        web.post("/api/sessions/{session}/rtmp", rest.start_rtmp),
+        web.get("/api/sessions/{session}/rtmp", rest.rtmp_status),
+        web.delete("/api/sessions/{session}/rtmp", rest.stop_rtmp),
         web.get("/samples/{name}.png", http.sample_file),
         web.static("/static", http.WEB_DIR, follow_symlinks=False),
     ])

@@ -2,12 +2,15 @@
 
 Client → server::
 
-    {"type": "offer", "sdp": "...", "image": "<sample name | upload id | null>", "prompt": "..."}
+    {"type": "offer", "sdp": "...", "image": "<sample name | upload id | null>", "prompt": "...",
+     "rtmp": "<rtmp://host/app/key | null>"}
     {"type": "candidate", "candidate": "candidate:...", "sdpMid": "0", "sdpMLineIndex": 0}
     {"type": "prompt", "prompt": "..."}          (mid-session; takes effect at the next block)
+    {"type": "rtmp", "url": "rtmp://..." | null} (start / replace / stop the session's RTMP push)
     {"type": "bye"}
 
-Server → client: ``answer`` (with ``session_id``), ``stats`` (every second), ``prompt`` (ack), ``ended``
+Server → client: ``answer`` (with ``session_id``), ``stats`` (every second, with the RTMP status), ``prompt``
+(ack), ``rtmp`` (ack with the push status), ``ended``
 (with ``reason``) and ``error`` (with ``message``). An error never closes the connection; only messages larger
 than the protocol limit do (close code 1009).
 """
@@ -24,6 +27,7 @@ from aiortc.sdp import candidate_from_sdp
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from live.peer import MAX_SDP_BYTES, OfferError, parse_offer
+from live.rtmp import MAX_URL_CHARS, RtmpUrlError, check_url
 from live.session import AdmissionError, EngineStartError, Session
 from live.worker import WorkerBusy
 
@@ -49,6 +53,7 @@ class OfferMessage(_Message):
     sdp: str = Field(max_length=MAX_SDP_BYTES)
     image: str | None = Field(None, max_length=200)
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    rtmp: str | None = Field(None, max_length=MAX_URL_CHARS)
 
 
 class CandidateMessage(_Message):
@@ -67,15 +72,22 @@ class PromptMessage(_Message):
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
+class RtmpMessage(_Message):
+    """Start (or replace) the session's RTMP push, or stop it with ``url: null``."""
+
+    type: Literal["rtmp"]
+    url: str | None = Field(None, max_length=MAX_URL_CHARS)
+
+
 class ByeMessage(_Message):
     """End the session."""
 
     type: Literal["bye"]
 
 
-ClientMessage = TypeAdapter(Annotated[Union[OfferMessage, CandidateMessage, PromptMessage, ByeMessage],
+ClientMessage = TypeAdapter(Annotated[Union[OfferMessage, CandidateMessage, PromptMessage, RtmpMessage, ByeMessage],
                                       Field(discriminator="type")])
-MESSAGE_TYPES = ("offer", "candidate", "prompt", "bye")
+MESSAGE_TYPES = ("offer", "candidate", "prompt", "rtmp", "bye")
 
 
 def describe(exc: ValidationError) -> str:
@@ -131,6 +143,8 @@ class _Connection:
             await self.candidate(msg)
         elif isinstance(msg, PromptMessage):
             await self.prompt(msg)
+        elif isinstance(msg, RtmpMessage):
+            await self.rtmp(msg)
         else:
             await self.end("bye")
 
@@ -141,7 +155,8 @@ class _Connection:
         try:
             parse_offer(msg.sdp, need=("audio", "video"))
             options = await resolve_options(self.state.images, msg.image, msg.prompt)
-        except (OfferError, ValueError) as exc:
+            rtmp_url = check_url(msg.rtmp) if msg.rtmp else None
+        except (OfferError, RtmpUrlError, ValueError) as exc:
             await self.error(str(exc))
             return
         try:
@@ -161,6 +176,8 @@ class _Connection:
             "fps": session.output.fps, "width": session.handle.engine.width,
             "height": session.handle.engine.height, "latency_s": round(session.output.delay_s, 3),
         })
+        if rtmp_url is not None:
+            await session.start_rtmp(rtmp_url)
         self._spawn(self._report(session))
 
     async def candidate(self, msg: CandidateMessage) -> None:
@@ -186,6 +203,21 @@ class _Connection:
             return
         self.session.set_prompt(msg.prompt)
         await self.send({"type": "prompt", "prompt": msg.prompt})
+
+    async def rtmp(self, msg: RtmpMessage) -> None:
+        if self.session is None:
+            await self.error("no session yet: send an offer first")
+            return
+        if msg.url:
+            try:
+                status = await self.session.start_rtmp(msg.url)
+            except RtmpUrlError as exc:
+                await self.error(str(exc))
+                return
+        else:
+            await self.session.stop_rtmp()
+            status = None
+        await self.send({"type": "rtmp", "rtmp": status})
 
     async def end(self, reason: str) -> None:
         session, self.session = self.session, None

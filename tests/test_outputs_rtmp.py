@@ -81,3 +81,57 @@ def test_rtmp_urls_are_checked_and_stream_keys_redacted():
         with pytest.raises(RtmpUrlError):
             check_url(bad)
     assert redact("rtmp://user:pw@a.example:1935/live/secret") == "rtmp://a.example:1935/live/***"
+
+
+async def test_a_running_session_pushes_to_rtmp_started_over_websocket_and_stopped_over_rest(server_url, nginx_rtmp):
+    import aiohttp
+    import websockets
+    from aiortc import RTCSessionDescription
+
+    from live.client import new_peer
+
+    pc = new_peer()
+    pc.addTransceiver("audio", direction="sendrecv")
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    api = None
+    try:
+        async with websockets.connect(server_url.replace("http://", "ws://") + "/ws") as ws, \
+                aiohttp.ClientSession() as http:
+            await ws.send(json.dumps({"type": "offer", "sdp": pc.localDescription.sdp, "rtmp": "http://nope/x"}))
+            assert "rtmp://" in (await _next(ws, "error"))["message"]
+            await ws.send(json.dumps({"type": "offer", "sdp": pc.localDescription.sdp,
+                                      "rtmp": nginx_rtmp.url("session")}))
+            answer = await _next(ws, "answer")
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+            api = f"{server_url}/api/sessions/{answer['session_id']}/rtmp"
+            while (await _next(ws, "stats"))["rtmp"]["state"] != "live":
+                pass
+            info, frames, pcm, rate, _ = await asyncio.to_thread(read_stream, nginx_rtmp.url("session"), 3.0)
+            assert (info["video_codec"], info["audio_codec"], info["fps"]) == ("h264", "aac", FPS), info
+            assert list(info["size"]) == [answer["width"], answer["height"]]
+            assert len(frames) >= 3 * FPS and pcm.size >= 2.5 * rate
+            health = await _json(http, "GET", server_url + "/health")
+            status = next(s for s in health["sessions"] if s["id"] == answer["session_id"])["rtmp"]
+            assert status["state"] == "live" and status["url"].endswith("/live/***"), status
+            assert (await _json(http, "POST", api, data=b"{}"))["message"].startswith("send JSON")
+            assert (await _json(http, "DELETE", api)) == {"rtmp": None}
+            assert (await _json(http, "GET", api)) == {"rtmp": None}
+            assert (await _json(http, "DELETE", api))["type"] == "error"
+            missing = f"{server_url}/api/sessions/nope/rtmp"
+            assert "no session" in (await _json(http, "POST", missing, json={"url": nginx_rtmp.url("x")}))["message"]
+            await ws.send(json.dumps({"type": "bye"}))
+    finally:
+        await pc.close()
+
+
+async def _json(http, method: str, url: str, **kwargs) -> dict:
+    async with http.request(method, url, **kwargs) as resp:
+        return await resp.json()
+
+
+async def _next(ws, kind: str) -> dict:
+    while True:
+        msg = json.loads(await ws.recv())
+        if msg["type"] == kind:
+            return msg
