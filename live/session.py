@@ -25,6 +25,7 @@ from .peer import PeerLink
 from .rtmp import RtmpPush
 from .settings import Settings
 from .tracks import AvatarAudioTrack, AvatarVideoTrack, prefer_h264, require_h264, route_keyframe_requests
+from .vcam import VirtualCamera, VirtualCameraError
 from .worker import EngineHandle, EngineWorker, WorkerBusy, worker_devices
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,16 @@ class Session:
                                                 self._metrics, handle.worker.device)
         self.audio_encoder = SharedAudioEncoder()
         self.rtmp: RtmpPush | None = None
+        self.vcam: dict | None = None
+        device = manager.settings.output.vcam_device
+        camera = None
+        if device:
+            try:
+                camera = VirtualCamera(device, eng.width, eng.height, eng.fps)
+                self.vcam = {"device": device, "state": "on", "error": None}
+            except VirtualCameraError as exc:
+                log.warning("session %s: no virtual camera: %s", self.id, exc)
+                self.vcam = {"device": device, "state": "error", "error": str(exc)}
         self.talker: PeerLink | None = None
         self.viewers: dict[str, PeerLink] = {}
         self.ended = asyncio.Event()
@@ -103,6 +114,8 @@ class Session:
         self.spawn(self.output.run())
         self.spawn(self.video_encoder.run(self.output))
         self.spawn(self.audio_encoder.run(self.output))
+        if camera is not None:
+            self.spawn(camera.run(self.output))
 
     # ----- peers ----------------------------------------------------------------------------------------
     async def connect_talker(self, offer_sdp: str) -> str:
@@ -291,6 +304,7 @@ class Session:
                         "keyframes": self.video_encoder.keyframes,
                         "consumers": len(self.video_encoder.packets)},
             "rtmp": None if self.rtmp is None else self.rtmp.status.as_dict(),
+            "vcam": self.vcam,
         }
 
     def gauges(self) -> SessionGauges:
