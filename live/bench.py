@@ -15,6 +15,8 @@ on CUDA, reset per row, so weights count; peak RSS of the process on CPU, never 
 steps) with the TFLOP/s it implies; VAE decode time per output frame. CUDA times use events and synchronise.
 
 ``--server`` measures glass-to-glass latency through a real server instead (``live.latency_bench``).
+``--encode`` times the session's shared H.264 encoder (:class:`~live.encoder.SharedVideoEncoder`, RGB → YUV
+conversion included) at 704×384 and 1280×720 on frames that move like a talking head, one row per x264 preset.
 Set ``LIVE_AVATAR_BENCH_PROFILE=FILE`` to also profile one extra block per row with ``torch.profiler`` and append
 the top kernels by device time to FILE.
 """
@@ -41,6 +43,8 @@ from .images import default_character
 from .settings import Settings, load_settings
 
 SWEEP_AREAS = ("720*400", "688*368", "384*256")
+ENCODE_SIZES = ((704, 384), (1280, 720))
+ENCODE_PRESETS = ("veryfast", "ultrafast")
 
 
 # ----- inputs ----------------------------------------------------------------------------------------------
@@ -342,6 +346,49 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(env + parts)
 
 
+# ----- shared encoder --------------------------------------------------------------------------------------
+def talking_frames(width: int, height: int, count: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` RGB frames of the built-in character that sway a few pixels and have a changing mouth region —
+    enough motion that the encoder's P-frames carry real work, as generated frames do."""
+    base = np.asarray(reference_image().resize((width, height), Image.Resampling.BICUBIC))
+    rng = np.random.default_rng(seed)
+    mouth = (slice(height * 11 // 20, height * 14 // 20), slice(width * 9 // 20, width * 11 // 20))
+    frames = []
+    for i in range(count):
+        frame = np.roll(base, (round(3 * np.sin(i / 9)), round(2 * np.sin(i / 13))), axis=(0, 1)).copy()
+        patch = frame[mouth].astype(np.int16) + rng.integers(-40, 40, frame[mouth].shape)
+        frame[mouth] = np.clip(patch, 0, 255).astype(np.uint8)
+        frames.append(frame)
+    return frames
+
+
+def run_encode_bench(settings: Settings, frames: int, warmup: int = 25) -> str:
+    """Time the shared H.264 encoder per size and preset; returns the table (ms per frame, bitrate)."""
+    from .encoder import SharedVideoEncoder
+    from .metrics import ServerMetrics
+
+    fps = settings.video.fps
+    rows = ["| size | encoder | preset | ms/frame p50 | p95 | mean | mean / frame interval | kbit/s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for width, height in ENCODE_SIZES:
+        video = talking_frames(width, height, warmup + frames)
+        for preset in ENCODE_PRESETS:
+            options = settings.output.model_copy(update={"x264_preset": preset, "encoder": "libx264"})
+            encoder = SharedVideoEncoder(width, height, fps, options, ServerMetrics())
+            times, size = [], 0
+            for n, rgb in enumerate(video):
+                t0 = time.perf_counter()
+                packets = encoder.encode(n, rgb)
+                if n >= warmup:
+                    times.append((time.perf_counter() - t0) * 1e3)
+                    size += sum(len(p.data) for p in packets)
+            mean = statistics.fmean(times)
+            rows.append(f"| {width}×{height} | {encoder.name} | {preset} | {_percentile(times, 50):.1f} | "
+                        f"{_percentile(times, 95):.1f} | {mean:.1f} | {mean * fps / 10:.0f}% | "
+                        f"{size * 8 / (frames / fps) / 1000:.0f} |")
+    return "\n".join(rows)
+
+
 # ----- entry point -----------------------------------------------------------------------------------------
 def _load(args: argparse.Namespace) -> Settings:
     extra = {k: str(getattr(args, k)) for k in ("checkpoint_dir", "lora") if getattr(args, k, None)}
@@ -367,6 +414,13 @@ def main(args: argparse.Namespace) -> int:
         for key, value in result.items():
             print(f"{key}: {value}")
         print(f"\n`{command_line(args)} --server --seconds {args.seconds:g}`")
+        return 0
+
+    if getattr(args, "encode", False):
+        print(f"shared H.264 encoder on {card_name(torch.device('cpu'))}, {os.cpu_count()} CPUs, "
+              f"{args.blocks * 12} frames per row\n")
+        print(run_encode_bench(_load(args), args.blocks * 12))
+        print(f"\n`{command_line(args)} --encode`")
         return 0
 
     settings = _load(args)

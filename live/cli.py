@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sweep", action="store_true", help="resolution sweep over upstream area sizes")
     sp.add_argument("--server", action="store_true", help="glass-to-glass latency through a real server")
     sp.add_argument("--seconds", type=float, default=10.0, help="duration of the --server run")
+    sp.add_argument("--encode", action="store_true",
+                    help="time the shared H.264 encoder at 704x384 and 1280x720 (--blocks x 12 frames per row)")
     sp.set_defaults(func=_cmd_bench)
 
     from .train_tiny import add_arguments

@@ -6,7 +6,8 @@ const ui = {
   video: $("avatar"), placeholder: $("placeholder"), start: $("start"), stop: $("stop"), error: $("error"),
   images: $("images"), upload: $("upload"), prompt: $("prompt"), applyPrompt: $("apply-prompt"),
   viewLink: $("view-link"), state: $("st-state"), fps: $("st-fps"), latency: $("st-latency"),
-  repeated: $("st-repeated"), session: $("st-session"),
+  repeated: $("st-repeated"), session: $("st-session"), rtmpUrl: $("rtmp-url"), rtmpToggle: $("rtmp-toggle"),
+  rtmp: $("st-rtmp"),
 };
 
 let chosenImage = null; // a sample name or an upload id; null = the server's default character
@@ -134,7 +135,7 @@ async function start() {
   await pc.setLocalDescription(await pc.createOffer());
   await waitForIceGathering(pc, 2000);
   ws.send(JSON.stringify({ type: "offer", sdp: pc.localDescription.sdp, image: chosenImage,
-                           prompt: ui.prompt.value }));
+                           prompt: ui.prompt.value, rtmp: rtmpWanted ? ui.rtmpUrl.value.trim() : null }));
   ui.stop.disabled = false;
 }
 
@@ -154,6 +155,10 @@ async function onServerMessage(msg) {
     case "stats":
       if (msg.latency_s !== null) call.serverLatency = msg.latency_s;
       ui.repeated.textContent = `${msg.frames_repeated} of ${msg.frames_sent}`;
+      showRtmp(msg.rtmp);
+      break;
+    case "rtmp":
+      showRtmp(msg.rtmp);
       break;
     case "prompt":
       ui.applyPrompt.textContent = "Applied ✓";
@@ -195,6 +200,32 @@ async function updateStats() {
   }
 }
 
+// ----- RTMP push -----------------------------------------------------------------------------------------
+let rtmpWanted = false; // whether the user asked for a push (sent with the offer, or as an rtmp message)
+
+function showRtmp(status) {
+  rtmpWanted = !!status;
+  ui.rtmpToggle.textContent = status ? "Stop push" : "Start push";
+  if (!status) { ui.rtmp.textContent = "off"; ui.rtmp.className = ""; return; }
+  const extra = status.state === "live" ? ` ${status.live_s} s` :
+    (status.error ? ` (${status.error}; ${status.reconnects} reconnects)` : "");
+  ui.rtmp.textContent = `${status.state}${extra} → ${status.url}`;
+  ui.rtmp.className = status.state === "live" ? "ok" : (status.state === "reconnecting" ? "bad" : "");
+}
+
+function toggleRtmp() {
+  const url = ui.rtmpUrl.value.trim();
+  if (!rtmpWanted && !url.startsWith("rtmp")) { showError("enter an rtmp:// URL first"); return; }
+  showError("");
+  if (call && call.answered && call.ws.readyState === WebSocket.OPEN) {
+    call.ws.send(JSON.stringify({ type: "rtmp", url: rtmpWanted ? null : url }));
+  } else {
+    rtmpWanted = !rtmpWanted;  // applied with the next Start
+    ui.rtmpToggle.textContent = rtmpWanted ? "Stop push" : "Start push";
+    ui.rtmp.textContent = rtmpWanted ? "starts with the session" : "off";
+  }
+}
+
 function stop(message) {
   if (message) showError(message);
   const c = call;
@@ -215,11 +246,14 @@ function stop(message) {
   ui.viewLink.hidden = true;
   ui.fps.textContent = "–";
   ui.latency.textContent = "–";
+  ui.rtmp.className = "";
+  ui.rtmp.textContent = rtmpWanted ? "starts with the session" : "off";
   setState("idle");
 }
 
 ui.start.addEventListener("click", start);
 ui.stop.addEventListener("click", () => stop());
+ui.rtmpToggle.addEventListener("click", toggleRtmp);
 ui.applyPrompt.addEventListener("click", () => {
   if (call && call.ws.readyState === WebSocket.OPEN) {
     call.ws.send(JSON.stringify({ type: "prompt", prompt: ui.prompt.value }));

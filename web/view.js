@@ -1,24 +1,36 @@
-// Viewer page: watches /view/{session} over WHEP and reconnects on its own.
+// Viewer page for OBS browser sources and screen sharing into calls: watches /view/{session} over WHEP, fills the
+// frame, and reconnects on its own (backing off while the session is not there).
+//   ?bg=transparent | ?bg=%23112233 | ?bg=112233   background (transparent for OBS keying; default black)
+//   ?fit=cover                                     fill the frame by cropping (default: contain, letterboxed)
+//   ?quiet=1                                       never show status notes (e.g. "waiting for the session…")
 "use strict";
 
 const video = document.getElementById("avatar");
 const note = document.getElementById("note");
 const sessionId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop() || "");
-const RETRY_MS = 2000;
+const params = new URLSearchParams(location.search);
+const RETRY_MIN_MS = 1000;
+const RETRY_MAX_MS = 10000;
+const DISCONNECTED_GRACE_MS = 4000;
 
-const bg = new URLSearchParams(location.search).get("bg");
-if (bg) document.body.style.setProperty("--view-bg", bg);
+const bg = params.get("bg");
+if (bg) document.body.style.setProperty("--view-bg", /^[0-9a-f]{3,8}$/i.test(bg) ? `#${bg}` : bg);
+if (params.get("fit") === "cover") document.body.classList.add("cover");
+const quiet = params.get("quiet") === "1";
 
 let pc = null;
 let resource = null;
+let retryMs = RETRY_MIN_MS;
+let graceTimer = null;
 
 function say(text) {
   note.textContent = text;
-  note.hidden = !text;
+  note.hidden = quiet || !text;
 }
 
 async function connect() {
   pc = new RTCPeerConnection({ iceServers: [] });
+  const own = pc;
   pc.addTransceiver("video", { direction: "recvonly" });
   pc.addTransceiver("audio", { direction: "recvonly" });
   const stream = new MediaStream();
@@ -34,7 +46,14 @@ async function connect() {
     });
   };
   pc.onconnectionstatechange = () => {
-    if (pc && (pc.connectionState === "failed" || pc.connectionState === "closed")) retry("connection lost");
+    if (pc !== own) return;
+    const state = pc.connectionState;
+    clearTimeout(graceTimer);
+    if (state === "connected") retryMs = RETRY_MIN_MS;
+    else if (state === "failed" || state === "closed") retry("connection lost; reconnecting…");
+    else if (state === "disconnected") {
+      graceTimer = setTimeout(() => pc === own && retry("connection lost; reconnecting…"), DISCONNECTED_GRACE_MS);
+    }
   };
   await pc.setLocalDescription(await pc.createOffer());
   await new Promise((resolve) => {
@@ -55,11 +74,14 @@ async function connect() {
 }
 
 function retry(reason) {
+  clearTimeout(graceTimer);
   if (pc) pc.close();
   pc = null;
+  if (resource) fetch(resource, { method: "DELETE" }).catch(() => {});
   resource = null;
   say(reason);
-  setTimeout(start, RETRY_MS);
+  setTimeout(start, retryMs);
+  retryMs = Math.min(RETRY_MAX_MS, retryMs * 2);
 }
 
 function start() {
