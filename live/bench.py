@@ -364,6 +364,8 @@ def talking_frames(width: int, height: int, count: int, seed: int = 0) -> list[n
 
 def run_encode_bench(settings: Settings, frames: int, warmup: int = 25) -> str:
     """Time the shared H.264 encoder per size and preset; returns the table (ms per frame, bitrate)."""
+    import av
+
     from .encoder import SharedVideoEncoder
     from .metrics import ServerMetrics
 
@@ -372,6 +374,14 @@ def run_encode_bench(settings: Settings, frames: int, warmup: int = 25) -> str:
             "|---|---|---|---|---|---|---|---|"]
     for width, height in ENCODE_SIZES:
         video = talking_frames(width, height, warmup + frames)
+        convert = []
+        for rgb in video[warmup:]:
+            t0 = time.perf_counter()
+            av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+            convert.append((time.perf_counter() - t0) * 1e3)
+        rows.append(f"| {width}×{height} | RGB → YUV only | – | {_percentile(convert, 50):.1f} | "
+                    f"{_percentile(convert, 95):.1f} | {statistics.fmean(convert):.1f} | "
+                    f"{statistics.fmean(convert) * fps / 10:.0f}% | – |")
         for preset in ENCODE_PRESETS:
             options = settings.output.model_copy(update={"x264_preset": preset, "encoder": "libx264"})
             encoder = SharedVideoEncoder(width, height, fps, options, ServerMetrics())
