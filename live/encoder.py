@@ -38,7 +38,7 @@ AUDIO_PTIME = 0.02
 AUDIO_CHUNK = round(SAMPLE_RATE * AUDIO_PTIME)
 AUDIO_MAX_LATE_CHUNKS = 10
 OPUS_BITRATE = 32000
-ENCODE_QUEUE = 4
+ENCODE_QUEUE = 8
 KEYFRAME_MIN_INTERVAL_S = 0.5
 BITS_PER_PIXEL = 0.1
 LEVEL_31_MACROBLOCKS = 3600
@@ -227,10 +227,11 @@ class SharedVideoEncoder:
                 continue
             self._metrics.frames_encoded.inc()
             self._metrics.encode_seconds.observe(time.perf_counter() - start)
-            loop = self._loop
-            if loop is not None and not loop.is_closed():
+            try:
                 for packet in packets:
-                    loop.call_soon_threadsafe(self.packets.publish, packet)
+                    self._loop.call_soon_threadsafe(self.packets.publish, packet)
+            except RuntimeError:  # the event loop closed while the server shut down
+                return
 
 
 class SharedAudioEncoder:

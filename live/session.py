@@ -24,7 +24,7 @@ from .output import SessionOutput
 from .peer import PeerLink
 from .rtmp import RtmpPush
 from .settings import Settings
-from .tracks import AvatarAudioTrack, AvatarVideoTrack, prefer_h264, require_h264, route_keyframe_requests
+from .tracks import AvatarAudioTrack, AvatarVideoTrack, check_h264_offer, prefer_h264, route_keyframe_requests
 from .vcam import VirtualCamera, VirtualCameraError
 from .worker import EngineHandle, EngineWorker, WorkerBusy, worker_devices
 
@@ -120,12 +120,11 @@ class Session:
     # ----- peers ----------------------------------------------------------------------------------------
     async def connect_talker(self, offer_sdp: str) -> str:
         """The talker's peer: its mic drives the avatar and it receives the avatar. Returns the SDP answer."""
+        check_h264_offer(offer_sdp)
         link = PeerLink("talker", self._talker_gone)
-        video = self._add_video(link)
+        self._add_video(link)
         link.pc.addTransceiver(AvatarAudioTrack(self.audio_encoder), direction="sendrecv")
-        answer = await self._connect(link, offer_sdp, refuse=())
-        require_h264(video)
-        return answer
+        return await self._connect(link, offer_sdp, refuse=())
 
     async def connect_ingest(self, offer_sdp: str) -> str:
         """A WHIP peer: its audio drives the avatar, it receives nothing. Returns the SDP answer."""
@@ -135,12 +134,12 @@ class Session:
         """A WHEP viewer of this session. Returns its link and the SDP answer."""
         if len(self.viewers) >= MAX_VIEWERS:
             raise ViewerLimit(f"session {self.id} already has {MAX_VIEWERS} viewers")
+        check_h264_offer(offer_sdp)
         link = PeerLink("viewer", lambda lk, reason: self.spawn(self.remove_viewer(lk.id)))
-        video = self._add_video(link)
+        self._add_video(link)
         link.pc.addTransceiver(AvatarAudioTrack(self.audio_encoder), direction="sendonly")
         try:
             answer = await link.answer(offer_sdp)
-            require_h264(video)
         except BaseException:
             await link.close()
             raise
@@ -155,12 +154,11 @@ class Session:
         await link.close()
         return True
 
-    def _add_video(self, link: PeerLink):
+    def _add_video(self, link: PeerLink) -> None:
         """The shared encoder's video on a new sendonly H.264 transceiver that routes PLI/FIR to the encoder."""
         transceiver = link.pc.addTransceiver(AvatarVideoTrack(self.video_encoder), direction="sendonly")
         prefer_h264(transceiver)
         route_keyframe_requests(transceiver, self.video_encoder)
-        return transceiver
 
     async def _connect(self, link: PeerLink, offer_sdp: str, refuse: tuple[str, ...]) -> str:
         link.pc.on("track", lambda track: self._remote_track(link, track))

@@ -15,6 +15,7 @@ from collections import deque
 import av
 from aiortc import MediaStreamTrack, RTCRtpSender, RTCRtpTransceiver
 from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import SessionDescription
 
 from .audio_feed import SAMPLE_RATE
 from .encoder import AUDIO_CHUNK, AudioChunk, SharedAudioEncoder, SharedVideoEncoder, VideoPacket
@@ -151,9 +152,12 @@ def prefer_h264(transceiver: RTCRtpTransceiver) -> None:
     transceiver.setCodecPreferences([c for c in codecs if c.mimeType.lower() in ("video/h264", "video/rtx")])
 
 
-def require_h264(transceiver: RTCRtpTransceiver) -> None:
-    """Raise :class:`OfferError` unless the negotiated video codec is H.264."""
-    codecs = transceiver._codecs
-    if not codecs or codecs[0].mimeType.lower() != "video/h264":
-        raise OfferError("this server sends H.264 video (one encode shared by every viewer); "
-                         "the offer does not accept H.264 with packetization-mode 1")
+def check_h264_offer(offer_sdp: str) -> None:
+    """Raise :class:`OfferError` unless the offer's video accepts H.264 with packetization-mode 1 (the only video
+    the shared encoder makes; aiortc itself would answer with a bare "Failed to set ... send parameters")."""
+    for media in SessionDescription.parse(offer_sdp).media:
+        if media.kind == "video" and not any(
+                c.mimeType.lower() == "video/h264" and str(c.parameters.get("packetization-mode")) == "1"
+                for c in media.rtp.codecs):
+            raise OfferError("this server sends H.264 video (one encode shared by every viewer); the offer's "
+                             "video accepts no H.264 with packetization-mode 1")

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from live.peer import MAX_SDP_BYTES, OfferError, parse_offer
 from live.rtmp import MAX_URL_CHARS, RtmpUrlError, check_url
 from live.session import AdmissionError, EngineStartError, Session
+from live.tracks import check_h264_offer
 from live.worker import WorkerBusy
 
 from .images import MAX_PROMPT_CHARS, resolve_options
@@ -154,6 +155,7 @@ class _Connection:
             return
         try:
             parse_offer(msg.sdp, need=("audio", "video"))
+            check_h264_offer(msg.sdp)  # before an engine starts for an offer we could not serve
             options = await resolve_options(self.state.images, msg.image, msg.prompt)
             rtmp_url = check_url(msg.rtmp) if msg.rtmp else None
         except (OfferError, RtmpUrlError, ValueError) as exc:

@@ -90,6 +90,7 @@ async def test_talker_and_three_whep_viewers_share_one_encode(server_url, speech
         assert abs(encoded - sent) <= 2, (encoded, sent)
         info = next(s for s in (await get_json(server_url + "/health"))["sessions"] if s["id"] == session_id)
         assert info["encoder"]["consumers"] == VIEWERS + 1 and info["viewers"] == VIEWERS
+        assert "H.264" in await _vp8_only_viewer(server_url, session_id)
         for viewer in viewers:
             await viewer.recorder.drain(stopped)
             assert len(viewer.recorder.video) >= WATCH_S * 25 * 0.8, len(viewer.recorder.video)
@@ -97,3 +98,25 @@ async def test_talker_and_three_whep_viewers_share_one_encode(server_url, speech
         await asyncio.gather(*(v.stop() for v in viewers), return_exceptions=True)
         talker.cancel()
         await asyncio.gather(talker, return_exceptions=True)
+
+
+async def _vp8_only_viewer(server_url: str, session_id: str) -> str:
+    """A WHEP offer that accepts VP8 only: the server refuses it (400) and says why."""
+    import aiohttp
+    from aiortc import RTCRtpSender
+
+    from live.client import new_peer
+
+    pc = new_peer()
+    transceiver = pc.addTransceiver("video", direction="recvonly")
+    transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
+                                     if c.mimeType.lower() == "video/vp8"])
+    await pc.setLocalDescription(await pc.createOffer())
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{server_url}/whep/{session_id}", data=pc.localDescription.sdp,
+                                 headers={"Content-Type": "application/sdp"}) as resp:
+                assert resp.status == 400, resp.status
+                return (await resp.json())["message"]
+    finally:
+        await pc.close()
