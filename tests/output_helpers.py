@@ -74,7 +74,8 @@ def beep_times(pcm: np.ndarray, rate: int, start: float) -> list[float]:
     return [start + i * win / rate for i in range(1, n) if on[i] and not on[i - 1]]
 
 
-def read_stream(url: str, seconds: float, timeout: float = 15.0) -> tuple[dict, list[tuple[float, float]], np.ndarray, int, float]:
+def read_stream(url: str, seconds: float,
+                timeout: float = 15.0) -> tuple[dict, list[tuple[float, float]], np.ndarray, int, float]:
     """Read ``seconds`` of an RTMP stream with PyAV: stream info, (time, mean luma) per video frame, the audio
     (mono float, first channel), its sample rate and the time of its first sample."""
     video: list[tuple[float, float]] = []

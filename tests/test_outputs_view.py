@@ -50,3 +50,30 @@ async def test_viewer_page_fills_the_frame_with_its_background_and_reconnects(se
                 await browser.close()
     finally:
         assert await publisher.stop() == 200
+
+
+@pytest.mark.rtmp
+async def test_talk_page_pushes_to_rtmp_and_shows_its_status(server_url, speech_wav, nginx_rtmp):
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await _browser(p, speech_wav)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 720})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(server_url + "/")
+            await page.fill("#rtmp-url", nginx_rtmp.url("talk"))
+            await page.click("#rtmp-toggle")
+            assert await page.text_content("#st-rtmp") == "starts with the session"
+            await page.click("#start")
+            await page.wait_for_function("document.getElementById('st-rtmp').textContent.startsWith('live')",
+                                         timeout=120_000)
+            assert "/live/***" in await page.text_content("#st-rtmp")
+            await page.screenshot(path=str(ARTIFACTS / "talk_page_rtmp.png"))
+            await page.click("#rtmp-toggle")
+            await page.wait_for_function("document.getElementById('st-rtmp').textContent === 'off'", timeout=10_000)
+            await page.click("#stop")
+            assert errors == []
+        finally:
+            await browser.close()
