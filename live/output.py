@@ -31,8 +31,9 @@ class SessionOutput:
     engine has not produced the due frame, the last frame is repeated (counted) and stale frames are skipped once
     they arrive; the audio never waits for video.
 
-    Sinks (WebRTC tracks today) read from here: :meth:`next_frame` for video, :meth:`audio` for audio. The pump is
-    the only reader of the frame ring; the latest frame is the only frame it keeps.
+    Sinks read from here: :meth:`next_frame` for video, :meth:`audio` for audio — the session's shared encoders
+    (whose packets feed the WebRTC senders and the RTMP push, see :mod:`live.encoder`) and the virtual camera. The
+    pump is the only reader of the frame ring; the latest frame is the only frame it keeps.
     """
 
     def __init__(self, clock: SessionClock, fps: int, feed: AudioFeed, ring: FrameRing, width: int, height: int,
