@@ -120,3 +120,47 @@ async def _vp8_only_viewer(server_url: str, session_id: str) -> str:
                 return (await resp.json())["message"]
     finally:
         await pc.close()
+
+
+async def test_a_receivers_picture_loss_indication_makes_the_shared_encoder_send_a_keyframe():
+    """Two aiortc peers in this process: each PLI the receiver sends (0.6 s apart) yields one keyframe."""
+    from aiortc import RTCPeerConnection
+
+    from live.encoder import SharedAudioEncoder
+    from live.tracks import AvatarVideoTrack, prefer_h264, route_keyframe_requests
+    from tests.output_helpers import FlashSource
+
+    source = FlashSource(25, 64, 64)
+    encoder = SharedVideoEncoder(64, 64, 25, OutputSettings(keyframe_interval_s=60), ServerMetrics())
+    tasks = [asyncio.ensure_future(c) for c in (source.run(), encoder.run(source), SharedAudioEncoder().run(source))]
+    sender, receiver = RTCPeerConnection(), RTCPeerConnection()
+    received: list = []
+    try:
+        transceiver = sender.addTransceiver(AvatarVideoTrack(encoder), direction="sendonly")
+        prefer_h264(transceiver)
+        route_keyframe_requests(transceiver, encoder)
+        receiver.on("track", lambda track: tasks.append(asyncio.ensure_future(_read(track, received))))
+        await sender.setLocalDescription(await sender.createOffer())
+        await receiver.setRemoteDescription(sender.localDescription)
+        await receiver.setLocalDescription(await receiver.createAnswer())
+        await sender.setRemoteDescription(receiver.localDescription)
+        async def arrived() -> bool:
+            return len(received) >= 10
+
+        await wait_until(arrived, 30, "video to arrive")
+        assert encoder.keyframes == 1  # the one the new sender asked for; the regular interval is 60 s
+        ssrc = transceiver.sender._ssrc
+        for _ in range(3):
+            await receiver.getTransceivers()[0].receiver._send_rtcp_pli(ssrc)
+            await asyncio.sleep(0.6)
+        assert encoder.keyframes == 4
+    finally:
+        await asyncio.gather(sender.close(), receiver.close())
+        source.close()
+        for task in tasks:
+            task.cancel()
+
+
+async def _read(track, received: list) -> None:
+    while True:
+        received.append(await track.recv())
