@@ -92,8 +92,8 @@ class RtmpStatus:
                 "live_s": live}
 
 
-class _Reconnect(Exception):
-    """The connection ended; reconnect."""
+class _Stopped(Exception):
+    """The push was stopped while it waited for packets."""
 
 
 class RtmpPush:
@@ -149,6 +149,8 @@ class RtmpPush:
             started = time.monotonic()
             try:
                 self._stream()
+            except _Stopped:
+                break
             except Exception as exc:  # noqa: BLE001 - any failure of the connection means: reconnect
                 self.status.error = f"{exc.__class__.__name__}: {exc}"
             self.status.connected_at = None
@@ -172,7 +174,7 @@ class RtmpPush:
     def _next(self) -> VideoPacket | AudioChunk:
         item = self._queue.get()
         if item is None or self._stop.is_set():
-            raise _Reconnect("stopped")
+            raise _Stopped
         return item
 
     def _stream(self) -> None:
