@@ -68,7 +68,7 @@ class Character:
     def mouth_box(self) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1) pixel box that holds the mouth at any sway/openness."""
         mx, my = self.mouth_center
-        half_w = self.mouth_width / 2 + MAX_SWAY_X + 2
+        half_w = self.mouth_width / 2 + MAX_SWAY_X + 4
         return (int(mx - half_w), int(my - 4 - MAX_SWAY_Y), int(math.ceil(mx + half_w)),
                 int(math.ceil(my + self.max_open + 4 + MAX_SWAY_Y)))
 

@@ -169,17 +169,38 @@ def _mouth_weight(chars: list[syn.Character], idx: list[int], device: torch.devi
     return w
 
 
+def _crop(video: torch.Tensor, w: torch.Tensor, chars, idx, size: int, rng: np.random.Generator):
+    vs, ws = [], []
+    for b, i in enumerate(idx):
+        if rng.random() < 0.7:
+            x0, y0, x1, y1 = chars[i].mouth_box()
+            cx, cy = (x0 + x1) // 2 + int(rng.integers(-size // 3, size // 3 + 1)), (y0 + y1) // 2 + int(
+                rng.integers(-size // 3, size // 3 + 1))
+        else:
+            cx, cy = (int(v) for v in rng.integers(size // 2, syn.SIZE - size // 2 + 1, 2))
+        left = min(max(cx - size // 2, 0), syn.SIZE - size) // 8 * 8
+        top = min(max(cy - size // 2, 0), syn.SIZE - size) // 8 * 8
+        vs.append(video[b, :, :, top:top + size, left:left + size])
+        ws.append(w[b, :, :, top:top + size, left:left + size])
+    return torch.stack(vs), torch.stack(ws)
+
+
 def _to_video(frames: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 [B, F, H, W, 3] → float [B, 3, F, H, W] in [-1, 1]."""
     return torch.from_numpy(frames).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
 
 
-def train_vae(stack, args, log) -> None:
+def train_vae(stack, args, log, decoder_only: bool = False) -> None:
+    """Train the VAE as an autoencoder; ``decoder_only`` fine-tunes the decoder on long clips with the encoder (and
+    so the latent space the DiT was trained in) frozen — the causal decoder must be stable over a whole stream,
+    not only over the few latents of the first stage's clips."""
     device = next(stack.vae.parameters()).device
     vae = stack.vae
     chars = _characters(args.seed, args.extra_characters)
-    ckpt = Path(args.work) / "vae.pt"
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    ckpt = Path(args.work) / ("decoder.pt" if decoder_only else "vae.pt")
+    params = (list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())) if decoder_only else list(
+        vae.parameters())
+    opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
     step = 0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device)
@@ -189,38 +210,47 @@ def train_vae(stack, args, log) -> None:
         log(f"vae: resumed at step {step}")
     if state_done(ckpt):
         return
-    vae.train().requires_grad_(True)
+    vae.train().requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
     pool = _worker_pool(args)
     last_save = time.time()
-    frames = 1 + 4 * args.vae_latents
-    budget = _Budget(args.vae_minutes, args.vae_steps, step)
+    frames = 1 + 4 * (args.decoder_latents if decoder_only else args.vae_latents)
+    budget = _Budget(args.decoder_minutes if decoder_only else args.vae_minutes, args.vae_steps, step)
     while not budget.done(step):
         rng = np.random.default_rng([args.seed, 1, step])
         idx = [int(v) for v in rng.integers(0, len(chars), args.vae_batch)]
         seeds = [int(v) for v in rng.integers(0, 2**31, args.vae_batch)]
         clips = pool.starmap(_vae_clip_job, [(chars[i], frames, s) for i, s in zip(idx, seeds)])
         video = _to_video(np.stack(clips), device)
-        posterior = vae.encode(video).latent_dist
-        recon = vae.decode(posterior.mode()).sample
         w = _mouth_weight(chars, idx, device)
+        if args.vae_crop < syn.SIZE:  # the VAE is convolutional: crops (mostly around the mouth) are cheaper
+            video, w = _crop(video, w, chars, idx, args.vae_crop, rng)
+        if decoder_only:
+            with torch.no_grad():
+                posterior = vae.encode(video).latent_dist
+        else:
+            posterior = vae.encode(video).latent_dist
+        recon = vae.decode(posterior.mode()).sample
         err = (recon - video).abs() * w
         loss = err.mean() / w.mean() + 1e-4 * posterior.mode().pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
             g["lr"] = args.vae_lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * budget.progress(step))))
         opt.step()
         step += 1
-        if step % 50 == 0:
-            log(f"vae step {step} loss {loss.item():.4f}")
+        if step % (10 if decoder_only else 50) == 0:
+            log(f"{'decoder' if decoder_only else 'vae'} step {step} loss {loss.item():.4f}")
         if time.time() - last_save > args.save_every:
             torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
             last_save = time.time()
     vae.eval().requires_grad_(False)
-    _fold_latent_stats(stack, chars, args, log)
+    if not decoder_only:
+        _fold_latent_stats(stack, chars, args, log)
     torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "done": True}, ckpt)
-    log(f"vae: done at step {step}")
+    log(f"{'decoder' if decoder_only else 'vae'}: done at step {step}")
 
 
 def state_done(path: Path) -> bool:
@@ -368,6 +398,13 @@ def train_dit(stack, data: dict, args, log) -> None:
     timesteps = sched.timesteps.to(device)
     text = stack.text_encoder.encode("").to(device)
     fpb = dit.config.frames_per_block
+    # the mouth is a few percent of the frame but all of the audio's effect: weight its latent cells up
+    chars_all = _characters(args.seed, args.extra_characters)
+    lh, lw = latents.shape[-2:]
+    weight_map = torch.ones(len(chars_all), 1, 1, lh, lw, device=device)
+    for n, ch in enumerate(chars_all):
+        x0, y0, x1, y1 = ch.mouth_box()
+        weight_map[n, :, :, y0 // 8: -(-y1 // 8), x0 // 8: -(-x1 // 8)] = args.mouth_weight
     dit.train()
     last_save, t0 = time.time(), time.time()
     ema = None
@@ -387,7 +424,8 @@ def train_dit(stack, data: dict, args, log) -> None:
         sink = sink_kv(dit, refs[ci], motions[ci], text_kv)
         glob, local = encode_audio_blocks(dit, feats[idx].float())
         v = clip_velocity(dit, sink, xt, timesteps[i], glob, local, text_kv, block0)
-        loss = F.mse_loss(v, noise - x0)
+        wmap = weight_map[ci]
+        loss = ((v - (noise - x0)).pow(2) * wmap).mean() / wmap.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -420,7 +458,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="profile whose model sizes to train (default tiny)")
     p.add_argument("--work", type=Path, default=Path("artifacts/train-tiny"), help="checkpoints and data")
     p.add_argument("--out", type=Path, default=None, help="weights file (default: the profile's weights path)")
-    p.add_argument("--stage", choices=["speech", "vae", "data", "dit", "all"], default="all")
+    p.add_argument("--stage", choices=["speech", "vae", "data", "dit", "decoder", "all"], default="all",
+                   help="'decoder': after the others, fine-tune the VAE decoder on long clips (latent space kept)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -432,6 +471,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-latents", type=int, default=2, help="clip length 1 + 4k frames")
     p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--decoder-latents", type=int, default=8, help="decoder stage: clip length 1 + 4k frames")
+    p.add_argument("--decoder-minutes", type=float, default=None)
+    p.add_argument("--vae-crop", type=int, default=syn.SIZE, help="train the VAE on square crops of this size")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--init-from", type=Path, default=None, help="folder with vae.pt / dit.pt to start from "
+                   "(weights only: fine-tuning with new settings)")
+    p.add_argument("--mouth-weight", type=float, default=8.0, help="flow-matching loss weight in the mouth box")
     p.add_argument("--clips", type=int, default=2048)
     p.add_argument("--blocks", type=int, default=6)
     p.add_argument("--dit-steps", type=int, default=4000)
@@ -458,6 +504,7 @@ def main(args: argparse.Namespace) -> int:
         logf.flush()
 
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     if args.stage in ("speech", "all") and not Path(args.speech).exists():
         build_speech_bank(Path(args.speech), args.utterances, args.seed)
         log(f"speech bank: {args.speech}")
@@ -468,11 +515,22 @@ def main(args: argparse.Namespace) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     stack = build_stack(settings, device)
+    if args.init_from is not None:
+        for name, module in (("vae", stack.vae), ("dit", stack.dit)):
+            if (args.init_from / f"{name}.pt").exists() and not (work / f"{name}.pt").exists():
+                module.load_state_dict(torch.load(args.init_from / f"{name}.pt", map_location=device)[name])
+                log(f"{name}: initialised from {args.init_from / f'{name}.pt'}")
     vae_ckpt = work / "vae.pt"
     if args.stage in ("vae", "all"):
         train_vae(stack, args, log)
     elif vae_ckpt.exists():
         stack.vae.load_state_dict(torch.load(vae_ckpt, map_location=device)["vae"])
+    if args.stage == "decoder":
+        if (work / "dit.pt").exists():
+            stack.dit.load_state_dict(torch.load(work / "dit.pt", map_location=device)["dit"])
+        if (work / "decoder.pt").exists():
+            stack.vae.load_state_dict(torch.load(work / "decoder.pt", map_location=device)["vae"])
+        train_vae(stack, args, log, decoder_only=True)
     if args.stage in ("data", "dit", "all"):
         data = make_data(stack, args, log)
         if args.stage in ("dit", "all"):
