@@ -187,7 +187,7 @@ def test_unexpected_dit_key_is_reported(copy: Path, cfg: ModelConfig) -> None:
 def test_wrong_shape_names_the_shard_key_and_shapes(copy: Path, cfg: ModelConfig) -> None:
     shard = _edit_shard(copy / CHECKPOINT_NAME, "blocks.1.ffn.0.weight", torch.zeros(3, 64), index_too=False)
     with pytest.raises(CheckpointError, match=rf"(?s){shard.name}.*blocks\.1\.ffn\.0\.weight: file \[3, 64\] vs "
-                                              r"model \[128, 64\]"):
+                                              rf"model \[{cfg.dit.ffn_dim}, {cfg.dit.dim}\]"):
         _load(copy, cfg)
 
 
