@@ -447,7 +447,7 @@ class SessionManager:
             "config": s.name,
             "source": str(s.source) if s.source else None,
             "model": {"fps": s.video.fps, "size_area": s.video.size_area, "steps": s.stream.steps,
-                      "weights": str(s.checkpoint_dir) if s.checkpoint_dir else "random"},
+                      "weights": str(s.checkpoint_dir or s.weights or "random")},
             "max_sessions": s.server.max_sessions,
             "workers": [{"device": w.device, "ready": w.ready, "engines": w.engines,
                          "block_s": round(w.block_estimate_s(), 4),
