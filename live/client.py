@@ -136,6 +136,30 @@ async def _wait_ended(messages: list[dict]) -> None:
         await asyncio.sleep(0.1)
 
 
+async def _post_offer(pc: RTCPeerConnection, url: str, protocol: str) -> tuple[str, RTCSessionDescription]:
+    """POST our offer to a WHIP/WHEP endpoint; returns the resource's ``Location`` and the answer to apply.
+
+    Raises :class:`ClientError` with the server's message if it does not answer ``201 Created``.
+    """
+    await pc.setLocalDescription(await pc.createOffer())
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}) as resp:
+            body = await resp.text()
+            if resp.status != 201:
+                raise ClientError(f"{protocol} refused ({resp.status}): {body}")
+            return resp.headers["Location"], RTCSessionDescription(sdp=body, type="answer")
+
+
+async def _hang_up(pc: RTCPeerConnection, resource_url: str) -> int:
+    """DELETE a WHIP/WHEP resource, then close the peer; returns the HTTP status of the DELETE."""
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.delete(resource_url) as resp:
+                return resp.status
+    finally:
+        await pc.close()
+
+
 class WhipPublisher:
     """A WHIP client: sends an audio file as the voice of a new session (RFC 9725)."""
 
@@ -156,25 +180,13 @@ class WhipPublisher:
 
     async def start(self, query: str = "") -> None:
         """POST the offer; raises :class:`ClientError` with the server's message if refused."""
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        async with aiohttp.ClientSession() as http:
-            async with http.post(_http_url(self.server, "/whip" + query), data=self.pc.localDescription.sdp,
-                                 headers={"Content-Type": "application/sdp"}) as resp:
-                body = await resp.text()
-                if resp.status != 201:
-                    raise ClientError(f"WHIP refused ({resp.status}): {body}")
-                self.location = resp.headers["Location"]
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+        self.location, answer = await _post_offer(self.pc, _http_url(self.server, "/whip" + query), "WHIP")
+        await self.pc.setRemoteDescription(answer)
         await _connected(self.pc, CONNECT_TIMEOUT_S)
 
     async def stop(self) -> int:
         """DELETE the resource and close; returns the HTTP status of the DELETE."""
-        try:
-            async with aiohttp.ClientSession() as http:
-                async with http.delete(_http_url(self.server, self.location)) as resp:
-                    return resp.status
-        finally:
-            await self.pc.close()
+        return await _hang_up(self.pc, _http_url(self.server, self.location))
 
 
 class WhepViewer:
@@ -193,16 +205,8 @@ class WhepViewer:
 
     async def start(self) -> None:
         """POST the offer and start receiving; raises :class:`ClientError` if refused."""
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        async with aiohttp.ClientSession() as http:
-            async with http.post(_http_url(self.server, f"/whep/{self.session_id}"),
-                                 data=self.pc.localDescription.sdp,
-                                 headers={"Content-Type": "application/sdp"}) as resp:
-                body = await resp.text()
-                if resp.status != 201:
-                    raise ClientError(f"WHEP refused ({resp.status}): {body}")
-                self.location = resp.headers["Location"]
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+        self.location, answer = await _post_offer(self.pc, _http_url(self.server, f"/whep/{self.session_id}"), "WHEP")
+        await self.pc.setRemoteDescription(answer)
         self.recorder.attach(self.pc)
         self.connected_at = await _connected(self.pc, CONNECT_TIMEOUT_S)
 
@@ -212,12 +216,7 @@ class WhepViewer:
         if received_until is not None:
             await self.recorder.drain(received_until)
         await self.recorder.stop()
-        try:
-            async with aiohttp.ClientSession() as http:
-                async with http.delete(_http_url(self.server, self.location)) as resp:
-                    return resp.status
-        finally:
-            await self.pc.close()
+        return await _hang_up(self.pc, _http_url(self.server, self.location))
 
 
 def run_client(server: str, audio: Path, out: Path, seconds: float | None) -> int:

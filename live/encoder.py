@@ -29,7 +29,7 @@ import numpy as np
 
 from .audio_feed import SAMPLE_RATE
 from .metrics import ServerMetrics
-from .output import OutputClosed, SessionOutput
+from .output import SessionOutput
 from .settings import OutputSettings
 
 log = logging.getLogger(__name__)
@@ -163,20 +163,15 @@ class SharedVideoEncoder:
         """Feed the output's frames to the encoder until the output ends."""
         self._loop = asyncio.get_running_loop()
         self._thread.start()
-        last = -1
         try:
-            while True:
-                try:
-                    last, rgb = await output.next_frame(last)
-                except OutputClosed:
-                    break
+            async for n, rgb in output.frames():
                 if not self.packets:
                     self._want_key = True
                     continue
                 try:
-                    self._queue.put_nowait((last, rgb))
+                    self._queue.put_nowait((n, rgb))
                 except queue.Full:
-                    self._drop_oldest((last, rgb))
+                    self._drop_oldest((n, rgb))
         finally:
             self.close()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 
@@ -20,7 +20,25 @@ class OutputClosed(Exception):
     """The session's output has ended."""
 
 
-class SessionOutput:
+class VideoSource:
+    """Numbered video frames for sinks; subclasses publish them through :meth:`next_frame`."""
+
+    async def next_frame(self, after: int) -> tuple[int, np.ndarray]:
+        """The newest frame with an index above ``after``; raises :class:`OutputClosed` once the source ended."""
+        raise NotImplementedError
+
+    async def frames(self) -> AsyncIterator[tuple[int, np.ndarray]]:
+        """``(index, rgb)`` for each frame a sink keeps up with (newest first, slower sinks skip), until the end."""
+        last = -1
+        while True:
+            try:
+                last, frame = await self.next_frame(last)
+            except OutputClosed:
+                return
+            yield last, frame
+
+
+class SessionOutput(VideoSource):
     """Publishes video frame ``n`` at clock time ``n / fps`` and serves audio of the same media time.
 
     Video frame ``n`` shows timeline frame ``n - offset_frames``; the audio of media time ``t`` is timeline audio at
@@ -31,9 +49,9 @@ class SessionOutput:
     engine has not produced the due frame, the last frame is repeated (counted) and stale frames are skipped once
     they arrive; the audio never waits for video.
 
-    Sinks read from here: :meth:`next_frame` for video, :meth:`audio` for audio — the session's shared encoders
-    (whose packets feed the WebRTC senders and the RTMP push, see :mod:`live.encoder`) and the virtual camera. The
-    pump is the only reader of the frame ring; the latest frame is the only frame it keeps.
+    Sinks read from here: :meth:`frames` for video, :meth:`audio` for audio — the session's shared encoders (whose
+    packets feed the WebRTC senders and the RTMP push, see :mod:`live.encoder`) and the virtual camera. The pump is
+    the only reader of the frame ring; the latest frame is the only frame it keeps.
     """
 
     def __init__(self, clock: SessionClock, fps: int, feed: AudioFeed, ring: FrameRing, width: int, height: int,

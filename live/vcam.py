@@ -17,7 +17,7 @@ import threading
 
 import numpy as np
 
-from .output import OutputClosed, SessionOutput
+from .output import SessionOutput
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,8 @@ class VirtualCamera:
     async def run(self, output: SessionOutput) -> None:
         """Hand the output's frames to the camera thread until the output ends."""
         self._thread.start()
-        last = -1
         try:
-            while True:
-                try:
-                    last, rgb = await output.next_frame(last)
-                except OutputClosed:
-                    break
+            async for _, rgb in output.frames():
                 self._put(rgb)
         finally:
             self._put(None)

@@ -1,6 +1,6 @@
 """A synthetic session output for the output tests: a white flash and a 1 kHz beep at the start of every second.
 
-It has the sink interface of :class:`live.output.SessionOutput` (``clock``, ``fps``, ``closed``, ``next_frame``,
+It has the sink interface of :class:`live.output.SessionOutput` (``clock``, ``fps``, ``closed``, ``frames``,
 ``audio``), so the shared encoders and the RTMP push run on it unchanged, and what comes out the far end can be
 checked for sync: the flash and the beep were made for the same media time.
 """
@@ -15,13 +15,13 @@ import numpy as np
 
 from live.audio_feed import SAMPLE_RATE
 from live.clock import SessionClock
-from live.output import OutputClosed
+from live.output import OutputClosed, VideoSource
 
 FLASH_FRAMES = 2
 BEEP_HZ = 1000.0
 
 
-class FlashSource:
+class FlashSource(VideoSource):
     """Frames ``n`` with ``n % fps < FLASH_FRAMES`` are white, the rest dark; the audio beeps for the same time."""
 
     def __init__(self, fps: int = 25, width: int = 320, height: int = 176) -> None:
