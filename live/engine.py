@@ -243,7 +243,7 @@ class StreamEngine:
         if block.index == self._refresh_at:
             st.dit.prefill_sink(self.caches, self._first_latent, self._motion_latents, self._text_kv)
         for i in range(st.schedule.steps):
-            t = st.schedule.timesteps[i].expand(1).to(st.device)
+            t = st.schedule.timestep(i, st.device)
             v = st.dit.forward_block(x.to(st.dtype), t, audio, self._text_kv, self.caches, i, block_start)
             x = st.schedule.euler_step(x, v, i)
         if block.index == 0:

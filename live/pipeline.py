@@ -421,7 +421,8 @@ class PipelineEngine(StreamEngine):
     """:class:`~live.engine.StreamEngine`'s surface over the step pipeline (this process is rank 0).
 
     ``generate_block`` puts the next block into the pipeline when its audio is there and fewer than
-    ``depth`` (= world size) blocks are in flight, and hands at most one finished block to the ring per call,
+    ``depth`` (= world size + 1: one block more than stages, so a block being decoded and handed back never
+    leaves the first stage idle) blocks are in flight, and hands at most one finished block to the ring per call,
     waiting for one only when the pipeline is full or no new block could be started. ``block_ready`` is true
     while blocks are in flight, so a caller that loops on it drains the pipeline. A rank failure surfaces as
     :class:`PipelineRankError` from ``start``/``generate_block``.
@@ -431,7 +432,7 @@ class PipelineEngine(StreamEngine):
         """An engine on ``host`` (default: the process's pipeline for ``stack``, started if needed)."""
         super().__init__(stack, seed)
         self.host = host if host is not None else pipeline_host(stack)
-        self.depth = self.host.plan.world_size
+        self.depth = self.host.plan.world_size + 1
         self.session = -1
         self.blocks_submitted = 0
         self.block_latency_s: float | None = None  # of the last block: put into the pipeline → frames arrived

@@ -3,7 +3,8 @@
 :func:`run_pipeline_bench` is what ``live-avatar bench`` calls for N = 1, 2, 4; ``python -m live.pipeline_bench``
 runs it for several world sizes and prints a table with the command that reproduces it.
 
-Method: one session on the built-in character, all audio (silence) pushed up front so blocks queue up and the
+Method: one session on a 16:9 version of the built-in character (so the area rule gives upstream's landscape
+sizes, 720*400 → 704×384, as in ``live-avatar bench``), all audio (silence) pushed up front so blocks queue up and the
 pipeline runs full. Time to first frame = from the first ``generate_block`` call (session already started) to the
 first decoded block in the ring; sustained FPS = frames of the blocks after ``warmup`` divided by the time between
 the last warm-up block and the last block. Every delivered block is synchronised on rank 0's device.
@@ -19,14 +20,17 @@ import time
 import numpy as np
 import torch
 
+from .bench import reference_image
 from .engine import ModelStack
 from .pipeline import PipelineEngine, PipelineHost
 from .settings import Settings, load_settings
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for rank 0's compute stream (the frames are on it). Not ``torch.cuda.synchronize``: that also waits
+    for receives already posted for later blocks, i.e. for the other ranks, and would serialise the pipeline."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def run_pipeline_bench(settings: Settings, world_size: int, blocks: int, warmup: int) -> dict:
@@ -43,7 +47,7 @@ def run_pipeline_bench(settings: Settings, world_size: int, blocks: int, warmup:
     try:
         engine = PipelineEngine(stack, seed=s.seed, host=host)
         t0 = time.perf_counter()
-        engine.start()
+        engine.start(reference_image())
         start_s = time.perf_counter() - t0
         total = warmup + blocks
         engine.push_audio(np.zeros(total * engine.samples_per_block + engine.lookahead_samples, np.float32))

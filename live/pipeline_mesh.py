@@ -18,6 +18,7 @@ Why this split:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -252,12 +253,22 @@ class Mesh:
                 w.wait()
         except RuntimeError as exc:
             raise MeshError(head["src"], f"receiving {head['kind']} from rank {head['src']} failed: {exc}") from exc
+        if self._nccl:
+            for t in tensors:  # allocated on the receive stream, used from now on by this thread's stream
+                t.record_stream(torch.cuda.current_stream(self.device))
         return Message(head["kind"], head["src"], head["session"], head["block"], head["step"], tensors, head["info"])
 
     def _inbox(self, store: Any) -> None:
-        """Thread: read our numbered headers in order and post the receives of their tensors at once."""
+        """Thread: read our numbered headers in order and post the receives of their tensors at once.
+
+        With NCCL the receives go on a stream of their own: NCCL orders an operation after the work already
+        queued on the caller's current stream, so a receive posted on the compute stream would not start until
+        this rank's queued DiT steps finished — holding the sender's next send behind it."""
+        recv_stream = None
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            if self._nccl:
+                recv_stream = torch.cuda.Stream(self.device)
         seq = 0
         try:
             while True:
@@ -274,10 +285,11 @@ class Mesh:
                 if head["kind"] == STOP:
                     return
                 tensors, works = [], []
-                for dtype, shape in head["tensors"]:
-                    t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-                    works.append(dist.irecv(t, head["src"], group=self._groups[(head["src"], self.rank)]))
-                    tensors.append(t)
+                with torch.cuda.stream(recv_stream) if recv_stream is not None else contextlib.nullcontext():
+                    for dtype, shape in head["tensors"]:
+                        t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+                        works.append(dist.irecv(t, head["src"], group=self._groups[(head["src"], self.rank)]))
+                        tensors.append(t)
                 self._queue.put((head, tensors, works))
         except BaseException as exc:  # noqa: BLE001 - handed to the main loop, which raises MeshError
             self._queue.put(exc)

@@ -202,7 +202,7 @@ class StageWorker:
             sess.refreshed, sess.first_latent = True, None
         text_kv = sess.text_kv(block)
         sess.advance(self.rank, step, block)
-        t = st.schedule.timesteps[step].expand(1).to(st.device)
+        t = st.schedule.timestep(step, st.device)
         block_start = block * st.dit.config.frames_per_block
         v = st.dit.forward_block(x.to(st.dtype), t, AudioTokens(audio_global, audio_local), text_kv,
                                  sess.caches, self.local_step[step], block_start)

@@ -20,6 +20,15 @@ class FlowMatchSchedule:
         self.timesteps = scheduler.timesteps.float().cpu()
         self.sigmas = scheduler.sigmas.float().cpu()
         self.steps = steps
+        self._on_device: dict[str, torch.Tensor] = {}
+
+    def timestep(self, step: int, device: torch.device) -> torch.Tensor:
+        """Step ``step``'s timestep as a ``[1]`` float32 tensor on ``device``. The table is copied to each device
+        once: a host-to-device copy from pageable memory waits for the device, so one per step would stall it."""
+        table = self._on_device.get(str(device))
+        if table is None:
+            table = self._on_device.setdefault(str(device), self.timesteps.to(device))
+        return table[step:step + 1]
 
     def euler_step(self, x: torch.Tensor, velocity: torch.Tensor, step: int) -> torch.Tensor:
         """``x ← x + (σ_{i+1} − σ_i) · v`` computed in float32."""

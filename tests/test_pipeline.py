@@ -109,7 +109,7 @@ def test_three_ranks_run_four_steps_back_to_back_with_the_stream_engines_frames(
         ranks = engine.host.stats()
         engine.close()
         assert_same_frames(frames, reference)
-        assert ahead == 2, "blocks k+1 and k+2 should be in the pipeline while block k finishes"
+        assert ahead == 3, "blocks k+1 to k+3 should be in the pipeline (depth = ranks + 1) while block k finishes"
         assert [r["steps"] for r in ranks] == [[0, 3], [1], [2]]
         assert [r["decodes"] for r in ranks] == [False, False, True]
         # each rank allocates KV rings only for its own steps: rank 0 holds two, ranks 1 and 2 one each
