@@ -2,17 +2,22 @@
 
 Engine mode (default) builds one :class:`~live.engine.ModelStack` and, for each variant (the profile's dtype;
 ``--fp8``: FP8 linear layers; ``--compile``: ``torch.compile`` on top of the last), starts a
-:class:`~live.engine.StreamEngine` on a 16:9 version of the built-in character, feeds it speech-like audio one
-block at a time as a live feed would, runs ``--warmup`` blocks and then ``--blocks`` measured blocks. With three
+:class:`~live.engine.StreamEngine` on a 16:9 version of the built-in character, feeds it one block of
+speech-like audio for the first block and then the rest at once (audio ahead of generation, as when a stream
+catches up, so the measured rate is the engine's capacity, with a block's decode overlapping the next block's
+denoising: ``stream.overlap_decode``), runs ``--warmup`` blocks and then ``--blocks`` measured blocks. With three
 or more warm-up blocks every measured block attends a full KV ring (12 latent frames) plus the sink. Variants
-run one after another in this one process, on one device, so their rows compare like with like.
+run one after another in this one process, on one device, so their rows compare like with like;
+``--compare-overlap`` adds the last variant again with the decode not overlapped.
 
 Columns: sustained FPS (frames emitted / wall time over the measured blocks, ring draining included); per-block
-latency p50/p95; time to first frame (``start()`` — reference encode, sink prefill, VAE priming — through the
+latency p50/p95 (one ``generate_block`` call: in steady state with overlap, a block's denoising plus waiting for
+the previous block's decode); time to first frame (``start()`` — reference encode, sink prefill, VAE priming — through the
 first block's audio encode, 4 steps and decode, until its frames are in the ring; the audio buffering a live
 stream adds first, ``StreamEngine.latency_s``, is not included); peak memory (``torch.cuda.max_memory_allocated``
 on CUDA, reset per row, so weights count; peak RSS of the process on CPU, never reset); DiT time per block (4
-steps) with the TFLOP/s it implies; VAE decode time per output frame. CUDA times use events and synchronise.
+steps) with the TFLOP/s it implies; VAE decode time per output frame (on its own thread and stream, so with
+overlap it runs alongside the DiT time rather than adding to it). CUDA times use events.
 
 ``--server`` measures glass-to-glass latency through a real server instead (``live.latency_bench``).
 ``--encode`` times the session's shared H.264 encoder (:class:`~live.encoder.SharedVideoEncoder`, RGB → YUV
@@ -102,15 +107,24 @@ class _Timed:
         return out
 
     def take_ms(self) -> float:
-        """Total milliseconds of the calls since the last take (the caller has synchronised)."""
-        total = sum(p if isinstance(p, float) else p[0].elapsed_time(p[1]) for p in self._pending)
-        self._pending.clear()
+        """Total milliseconds of the calls finished since the last take (waits for their end events; calls made
+        on another thread, e.g. the decode lane, count once they have returned)."""
+        taken, self._pending = self._pending, []
+        total = 0.0
+        for p in taken:
+            if isinstance(p, float):
+                total += p
+            else:
+                p[1].synchronize()
+                total += p[0].elapsed_time(p[1])
         return total
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for this thread's CUDA stream — not the whole device, so a block still decoding on the decode lane's
+    stream keeps overlapping the next block's denoising, as in the server."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def card_name(device: torch.device) -> str:
@@ -200,6 +214,9 @@ def run_engine(stack: ModelStack, variant: str, image: Image.Image, warmup: int,
         _sync(device)
         ttff = time.perf_counter() - t0
         drain()
+        # From here on the audio is ahead of generation, as when a stream catches up: the engine's capacity.
+        eng.push_audio(audio[pos:])
+        pos = audio.size
         for _ in range(max(warmup - 1, 0)):
             feed()
             eng.generate_block()
@@ -217,7 +234,7 @@ def run_engine(stack: ModelStack, variant: str, image: Image.Image, warmup: int,
             lat.append((time.perf_counter() - b0) * 1e3)
             frames += drain()
             dit_ms.append(dit_timer.take_ms())
-            dec_ms.append(dec_timer.take_ms() / eng.frames_per_block)
+            dec_ms.append(dec_timer.take_ms())
             if cuda and alloc_first is None:
                 alloc_first = torch.cuda.memory_allocated(device)
         span = time.perf_counter() - span0
@@ -242,7 +259,7 @@ def run_engine(stack: ModelStack, variant: str, image: Image.Image, warmup: int,
             fps=frames / span if span > 0 else float("nan"),
             p50_ms=_percentile(lat, 50), p95_ms=_percentile(lat, 95), ttff_s=ttff, peak_gib=peak, peak_kind=kind,
             dit_ms=dit_med, dit_tflops=tflop / (dit_med / 1e3) if dit_med > 0 else float("nan"),
-            decode_ms_per_frame=statistics.median(dec_ms) if dec_ms else float("nan"),
+            decode_ms_per_frame=sum(dec_ms) / frames if frames else float("nan"),
             blocks=blocks, ring_full=ring_full, notes=notes)
     finally:
         del stack.dit.forward_block
@@ -279,23 +296,31 @@ def _dtype_label(dtype: torch.dtype) -> str:
 
 
 def variants(args: argparse.Namespace, settings: Settings) -> list[tuple[str, bool, bool]]:
-    """(label, fp8, compile) per row, in an order where each step only adds to the last: FP8 conversion is
+    """(label, fp8, compile, CUDA graphs) per row, in an order where each step only adds to the last: FP8 conversion is
     in place and one-way, so the plain variant runs first. A profile (or LIVE_AVATAR_FP8 / LIVE_AVATAR_COMPILE)
-    that already asks for FP8 or compile makes that the first row; one that asks for compile is the only row."""
+    that already asks for FP8 or compile makes that the first row; one that asks for compile is the only row.
+    ``--cuda-graphs`` adds the last row again with full-ring steps replayed as CUDA graphs (a profile with
+    ``cuda_graphs`` set uses them in every row)."""
     base = "fp8" if settings.fp8 else _dtype_label(resolve_dtype(settings.dtype))
     if settings.compile:
-        return [(base + "+compile", settings.fp8, True)]
-    rows = [(base, settings.fp8, False)]
-    if args.fp8 and not settings.fp8:
-        rows.append(("fp8", True, False))
-    if args.compile:
-        label, fp8, _ = rows[-1]
-        rows.append((label + "+compile", fp8, True))
+        rows = [(base + "+compile", settings.fp8, True, settings.cuda_graphs)]
+    else:
+        rows = [(base, settings.fp8, False, settings.cuda_graphs)]
+        if args.fp8 and not settings.fp8:
+            rows.append(("fp8", True, False, settings.cuda_graphs))
+        if args.compile:
+            label, fp8, _, graphs = rows[-1]
+            rows.append((label + "+compile", fp8, True, graphs))
+    if settings.cuda_graphs:
+        rows = [(label + "+graphs", *rest) for label, *rest in rows]
+    elif getattr(args, "cuda_graphs", False):
+        label, fp8, compiled, _ = rows[-1]
+        rows.append((label + "+graphs", fp8, compiled, True))
     return rows
 
 
-def apply_variant(stack: ModelStack, fp8: bool, compiled: bool) -> list[str]:
-    """Bring ``stack`` to the variant (FP8 and compile are only ever switched on). Returns notes."""
+def apply_variant(stack: ModelStack, fp8: bool, compiled: bool, graphs: bool = False) -> list[str]:
+    """Bring ``stack`` to the variant (FP8, compile and CUDA graphs are only ever switched on). Returns notes."""
     from model.fp8 import FP8Linear, quantize_dit_
 
     notes = []
@@ -309,6 +334,7 @@ def apply_variant(stack: ModelStack, fp8: bool, compiled: bool) -> list[str]:
         notes.append(f"FP8: {n} linear layers quantised in {time.perf_counter() - t0:.1f} s")
     if compiled and not stack.dit.compiled:
         stack.dit.compile_blocks()
+    stack.dit.cuda_graphs = graphs and stack.device.type == "cuda"
     return notes
 
 
@@ -337,7 +363,7 @@ def command_line(args: argparse.Namespace) -> str:
     for flag in ("checkpoint_dir", "lora", "device"):
         if getattr(args, flag, None):
             parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    for flag in ("random_weights", "fp8", "compile", "sweep"):
+    for flag in ("random_weights", "fp8", "compile", "cuda_graphs", "sweep", "compare_overlap"):
         if getattr(args, flag, False):
             parts.append("--" + flag.replace("_", "-"))
     parts += ["--blocks", str(args.blocks), "--warmup", str(args.warmup)]
@@ -447,8 +473,8 @@ def main(args: argparse.Namespace) -> int:
     source = ("checkpoint" if settings.checkpoint_dir is not None else
               "project weights" if getattr(settings, "weights", None) else "random weights")
     notes = [f"stack built in {load_s:.1f} s ({source})"]
-    for label, fp8, compiled in rows:
-        notes += apply_variant(stack, fp8, compiled)
+    for label, fp8, compiled, graphs in rows:
+        notes += apply_variant(stack, fp8, compiled, graphs)
         for area in areas:
             stack.settings = settings.model_copy(update={"video": settings.video.model_copy(update={"size_area": area})})
             try:
@@ -458,6 +484,13 @@ def main(args: argparse.Namespace) -> int:
                     run_engine(stack, label, image, warmup=1, blocks=1)
                     notes.append(f"{label} at {area}: compile warm-up stream took {time.perf_counter() - c0:.1f} s")
                 result = run_engine(stack, label, image, args.warmup, args.blocks, profile_to)
+                if args.compare_overlap and (label, fp8, compiled, graphs) == rows[-1]:
+                    results.append(result)
+                    overlap = stack.settings.stream.overlap_decode
+                    stack.settings = stack.settings.model_copy(update={"stream": stack.settings.stream.model_copy(
+                        update={"overlap_decode": not overlap})})
+                    label_off = f"{label} ({'no ' if overlap else ''}decode overlap)"
+                    result = run_engine(stack, label_off, image, args.warmup, args.blocks)
             except Exception as exc:  # one failing row (e.g. out of memory) must not lose the others
                 failed += 1
                 notes.append(f"{label} at {area}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")

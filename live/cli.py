@@ -42,7 +42,16 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_client(args: argparse.Namespace) -> int:
     from .client import run_client
 
-    return run_client(args.server, args.audio, args.out, args.seconds)
+    return run_client(args.server, args.audio, args.out, args.seconds, args.ice_server)
+
+
+def _ice_server(text: str):
+    from .client import parse_ice_server
+
+    try:
+        return parse_ice_server(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -89,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--audio", type=Path, required=True)
     sp.add_argument("--out", type=Path, required=True)
     sp.add_argument("--seconds", type=float, default=None)
+    sp.add_argument("--ice-server", type=_ice_server, action="append", default=None, metavar="URL|JSON",
+                    help="STUN/TURN server for this client, repeatable: stun:HOST[:PORT], or JSON "
+                         '{"urls": "turn:HOST", "username": …, "credential": …}; '
+                         "default: the server's (GET /api/config)")
     sp.set_defaults(func=_cmd_client)
 
     sp = sub.add_parser("bench", help="benchmark a profile and print a table")
@@ -98,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--warmup", type=int, default=3)
     sp.add_argument("--fp8", action="store_true", help="also measure FP8 linear layers (GPU)")
     sp.add_argument("--compile", action="store_true", help="also measure torch.compile (GPU)")
+    sp.add_argument("--cuda-graphs", action="store_true",
+                    help="also measure the last variant with full-ring steps replayed as CUDA graphs (GPU)")
     sp.add_argument("--sweep", action="store_true", help="resolution sweep over upstream area sizes")
+    sp.add_argument("--compare-overlap", action="store_true",
+                    help="also run the last variant with the VAE decode overlap (stream.overlap_decode) switched")
     sp.add_argument("--server", action="store_true", help="glass-to-glass latency through a real server")
     sp.add_argument("--seconds", type=float, default=10.0, help="duration of the --server run")
     sp.add_argument("--encode", action="store_true",

@@ -10,6 +10,8 @@ this class; there is no second pipeline.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,8 +104,53 @@ class ModelStack:
             quantize_dit_(dit)
         if settings.compile:
             dit.compile_blocks()
+        dit.cuda_graphs = settings.cuda_graphs and device.type == "cuda"
         return cls(settings, device, dtype, dit, vae, w2v, text,
                    FlowMatchSchedule(settings.stream.steps, settings.stream.shift))
+
+    def decode_lane(self) -> "DecodeLane":
+        """The stack's decode thread (and CUDA stream), created on first use and shared by its streams."""
+        with _LANE_LOCK:
+            lane = getattr(self, "_decode_lane", None)
+            if lane is None:
+                lane = self._decode_lane = DecodeLane(self.device, self.settings.threads)
+            return lane
+
+
+_LANE_LOCK = threading.Lock()
+
+
+class DecodeLane:
+    """One background thread that runs VAE decodes — on its own CUDA stream on a GPU — so that a block's decode
+    overlaps the next block's denoising: on a GPU the two kernel streams share the device, on a CPU they run
+    on two cores. Jobs run in submission order; a job waits for the event its input was produced under."""
+
+    def __init__(self, device: torch.device, threads: int | None) -> None:
+        """A lane for ``device``; on a CPU its thread uses ``threads`` intra-op threads (as the main thread)."""
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vae-decode",
+                                        initializer=torch.set_num_threads if threads else None,
+                                        initargs=(threads,) if threads else ())
+
+    def submit(self, job: Callable[[], int], inputs: tuple[torch.Tensor, ...]) -> Future:
+        """Run ``job()`` on the lane after the work queued so far on the caller's stream (which produced
+        ``inputs``) has finished; returns its future."""
+        if self.stream is None:
+            return self._pool.submit(job)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+
+        def on_stream() -> int:
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(ready)
+                for t in inputs:
+                    t.record_stream(self.stream)
+                out = job()
+                self.stream.synchronize()
+                return out
+
+        return self._pool.submit(on_stream)
 
 
 def load_project_weights(path, modules: dict[str, nn.Module]) -> None:
@@ -146,6 +193,8 @@ class StreamEngine:
         self.blocks_done = 0
         self.frames_emitted = 0
         self._closed = False
+        self._overlap = s.stream.overlap_decode
+        self._decoding: tuple[Future, int] | None = None  # the block decoding in the background, its frame count
 
     # ----- session start ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -210,9 +259,16 @@ class StreamEngine:
             self._pending_prompt = prompt
 
     def block_ready(self) -> bool:
-        """Whether enough audio (block + lookahead) is buffered for the next block."""
+        """Whether ``generate_block`` has work: enough audio (block + lookahead) buffered for the next block,
+        or a block still decoding in the background."""
         with self._lock:
-            return self.window is not None and not self._closed and self.window.ready()
+            return self.window is not None and not self._closed and (self.window.ready() or self._decoding is not None)
+
+    @property
+    def frames_in_flight(self) -> int:
+        """Frames of a block still decoding in the background, not yet in the ring (they need room there)."""
+        decoding = self._decoding
+        return decoding[1] if decoding is not None and not decoding[0].done() else 0
 
     def _require_started(self) -> AudioWindow:
         if self.window is None:
@@ -224,14 +280,19 @@ class StreamEngine:
     # ----- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_block(self) -> int:
-        """Generate the next block into the ring (waits while the ring is full); returns frames produced,
-        0 if not enough audio is buffered."""
+        """Generate the next block into the ring (waits while the ring is full); returns the frames put into
+        the ring during the call, 0 if not enough audio is buffered and no decode was in flight.
+
+        With ``stream.overlap_decode`` a block whose successor's audio is already buffered is decoded in the
+        background (:class:`DecodeLane`) while the next call denoises that successor; its frames reach the ring
+        during that next call. Otherwise the block is decoded before the call returns.
+        """
         st = self.stack
         with self._lock:
             block = self._require_started().next_block()
             prompt, self._pending_prompt = self._pending_prompt, None
         if block is None:
-            return 0
+            return self._finish_decode()
         if prompt is not None:
             self._text_kv = self._encode_prompt(prompt)
         first_frame = block.index * self.frames_per_block
@@ -248,13 +309,38 @@ class StreamEngine:
             x = st.schedule.euler_step(x, v, i)
         if block.index == 0:
             self._first_latent = x[:, :, :1].to(st.dtype)
-        frames = to_uint8_frames(self.decoder.decode(x.to(st.dtype)))
-        if block.index == 0 and self.drop_first:
-            frames = frames[self.drop_first:]
+        produced = self._finish_decode()
+        latents = x.to(st.dtype)
+        drop = self.drop_first if block.index == 0 else 0
+        count = self.frames_per_block - drop
+        if self._overlap:
+            self._decoding = (st.decode_lane().submit(lambda: self._decode(latents, drop), (latents,)), count)
+            with self._lock:
+                more = self.window.ready()
+            if not more:
+                produced += self._finish_decode()
+        else:
+            produced += self._decode(latents, drop)
+            self.blocks_done += 1
+            self.frames_emitted += count
+        return produced
+
+    def _decode(self, latents: torch.Tensor, drop: int) -> int:
+        """Decode one block's latents into the ring (dropping its first ``drop`` frames); returns frames put."""
+        frames = to_uint8_frames(self.decoder.decode(latents))[drop:]
         self.ring.put(frames)
-        self.blocks_done += 1
-        self.frames_emitted += frames.shape[0]
         return frames.shape[0]
+
+    def _finish_decode(self) -> int:
+        """Wait for the block decoding in the background, if any; returns its frames (re-raises its error)."""
+        if self._decoding is None:
+            return 0
+        future, _ = self._decoding
+        self._decoding = None
+        produced = future.result()
+        self.blocks_done += 1
+        self.frames_emitted += produced
+        return produced
 
     def close(self) -> None:
         """Release caches and wake anyone waiting on the ring; idempotent."""
@@ -262,6 +348,9 @@ class StreamEngine:
             self._closed = True
         if self.ring is not None:
             self.ring.close()
+        if self._decoding is not None:
+            wait([self._decoding[0]])  # its error, if any (a closed ring), no longer matters
+            self._decoding = None
         for name in ("caches", "decoder", "_text_kv"):
             if hasattr(self, name):
                 delattr(self, name)

@@ -110,6 +110,8 @@ class FrameRing:
                 if self._closed:
                     raise RingClosed(f"frame ring closed after {done} of {frames.shape[0]} frames were queued")
                 done += self._copy_in(frames[done:])
+                if self._storage.is_cuda:  # readers copy on their own stream: the frames must be there first
+                    torch.cuda.current_stream(self._storage.device).synchronize()
                 self._not_empty.notify_all()
 
     def get(self, timeout: float | None = None) -> torch.Tensor | None:

@@ -43,6 +43,8 @@ class StreamSettings(BaseModel):
     vae_warmup_latents: int = Field(7, description="Motion latents decoded once to prime the VAE cache.")
     refresh_sink: bool = Field(True, description="Live Avatar's rolling sink: at the start of the second clip, "
                                "re-prefill the sink with the first generated latent frame as the reference.")
+    overlap_decode: bool = Field(True, description="Decode a block on a second thread (and CUDA stream) while "
+                                 "the next block is denoised, whenever the next block's audio is already there.")
 
 
 class ServerSettings(BaseModel):
@@ -106,6 +108,8 @@ class Settings(BaseSettings):
     fp8: bool = Field(False, description="FP8 (e4m3) weights and activations in the DiT's transformer blocks and "
                       "audio injectors (torch._scaled_mm on CUDA; emulated elsewhere).")
     compile: bool = Field(False, description="torch.compile the DiT's per-layer pieces (first blocks compile).")
+    cuda_graphs: bool = Field(False, description="Replay each denoising step as a CUDA graph once a stream's KV "
+                              "ring is full (captured during the first blocks after that; CUDA only).")
     model: ModelConfig = ModelConfig()
     video: VideoSettings = VideoSettings()
     stream: StreamSettings = StreamSettings()

@@ -232,7 +232,8 @@ class EngineWorker:
             idx = (self._rr + k) % n
             handle = self._handles[idx]
             eng = handle.engine
-            if handle.error is None and eng.block_ready() and eng.ring.capacity - len(eng.ring) >= eng.frames_per_block:
+            room = eng.ring.capacity - len(eng.ring) - eng.frames_in_flight
+            if handle.error is None and eng.block_ready() and room >= eng.frames_per_block:
                 self._rr = (idx + 1) % n
                 return handle
         return None

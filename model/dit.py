@@ -27,6 +27,7 @@ from torch import nn
 
 from .audio_encoder import CausalAudioEncoder
 from .config import DiTConfig
+from .cuda_graphs import StepGraphs
 from .rope import apply_rope, grid_positions, rope_cos_sin, spread_indices
 
 REF_MASK_ID, MOTION_MASK_ID, NOISY_MASK_ID = 1, 2, 0
@@ -350,6 +351,7 @@ class StepCaches:
         self.ref_k = torch.zeros((cfg.num_layers, batch, tokens_per_frame) + heads, device=device, dtype=dtype)
         self.frames_written = [0] * steps
         self.ref_roped_for: int | None = None  # block start the sink's reference keys are currently roped for
+        self.graphs: StepGraphs | None = None  # CUDA graphs of the full-ring steps (CausalS2VDiT.cuda_graphs)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.sink_k, self.sink_v, self.ref_k))
@@ -376,6 +378,7 @@ class CausalS2VDiT(nn.Module):
         self.trainable_cond_mask = nn.Embedding(3, c.dim)
         self._qkv, self._finish, self._inject = block_qkv, block_finish, inject_audio
         self.compiled = False
+        self.cuda_graphs = False  # replay full-ring steps on CUDA as graphs (model/cuda_graphs.py)
         self._rope: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
 
     def compile_blocks(self, mode: str | None = None) -> None:
@@ -474,17 +477,41 @@ class CausalS2VDiT(nn.Module):
         frame; positions are exact integers, so streams never run out of RoPE positions.
         """
         c = self.config
-        x, (f, hp, wp) = self._patchify(self.patch_embedding, latents)
-        x = (x + self.cond_encoder.bias.to(x.dtype) + self.trainable_cond_mask.weight[NOISY_MASK_ID]).float()
+        pt, ph, pw = c.patch_size
+        f, hp, wp = latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw
         t_per_frame = hp * wp
-        cos, sin, ref_cos, ref_sin = self._block_rope(block_start, f, hp, wp, x.device)
-        e, e0 = self._time(timestep.to(x.device))
+        cos, sin, ref_cos, ref_sin = self._block_rope(block_start, f, hp, wp, latents.device)
+        if caches.ref_roped_for != block_start:  # the rolled reference position changes once per block
+            for layer in range(c.num_layers):
+                caches.sink_k[layer][:, :t_per_frame] = apply_rope(caches.ref_k[layer], ref_cos, ref_sin)
+            caches.ref_roped_for = block_start
         ring = caches.ring_tokens
         slot = (block_start % c.kv_cache_frames) * t_per_frame
-        n = x.shape[1]
-        assert slot + n <= ring, "block must not straddle the ring end (kv_cache_frames % frames_per_block == 0)"
+        assert slot + f * t_per_frame <= ring, "block must not straddle the ring end (kv_cache_frames % frames_per_block == 0)"
         written = min(max(caches.frames_written[step], block_start + f) * t_per_frame, ring)
-        rope_ref = caches.ref_roped_for != block_start  # the rolled reference position changes once per block
+        inputs = (latents, timestep.to(latents.device), audio.global_, audio.local, cos, sin)
+
+        def run(x, t, audio_global, audio_local, cos, sin, text):
+            return self._step(x, t, AudioTokens(audio_global, audio_local), cos, sin, text, caches, step, slot, written)
+
+        if self.cuda_graphs and latents.is_cuda and written == ring:
+            if caches.graphs is None:
+                caches.graphs = StepGraphs()
+            out = caches.graphs.run((step, slot), run, inputs, text_kv)
+        else:
+            out = run(*inputs, text_kv)
+        caches.frames_written[step] = max(caches.frames_written[step], block_start + f)
+        return out
+
+    def _step(self, latents: torch.Tensor, timestep: torch.Tensor, audio: AudioTokens, cos: torch.Tensor,
+              sin: torch.Tensor, text_kv: list[tuple[torch.Tensor, torch.Tensor]], caches: StepCaches, step: int,
+              slot: int, written: int) -> torch.Tensor:
+        """The kernels of one step (what a CUDA graph captures): write the block's K/V at ring token ``slot``,
+        attend [sink | ring[:written]] in every layer, and predict the flow."""
+        x, (f, hp, wp) = self._patchify(self.patch_embedding, latents)
+        x = (x + self.cond_encoder.bias.to(x.dtype) + self.trainable_cond_mask.weight[NOISY_MASK_ID]).float()
+        e, e0 = self._time(timestep)
+        n = x.shape[1]
         with sdpa_backends(x.device):
             for layer, blk in enumerate(self.blocks):
                 q, k, v = self._qkv(blk, x, e0, cos, sin)
@@ -492,8 +519,6 @@ class CausalS2VDiT(nn.Module):
                 kbuf[:, slot: slot + n] = k
                 vbuf[:, slot: slot + n] = v
                 sink_k, sink_v = caches.sink_k[layer], caches.sink_v[layer]
-                if rope_ref:
-                    sink_k[:, :t_per_frame] = apply_rope(caches.ref_k[layer], ref_cos, ref_sin)
                 qt = q.transpose(1, 2)
                 parts = (*attention_lse(qt, sink_k.transpose(1, 2), sink_v.transpose(1, 2)),
                          *attention_lse(qt, kbuf[:, :written].transpose(1, 2), vbuf[:, :written].transpose(1, 2)))
@@ -502,8 +527,6 @@ class CausalS2VDiT(nn.Module):
                     idx = self.audio_injector.block_to_injector[layer]
                     x = x + self._inject(self.audio_injector.injector[idx], self.audio_injector.injector_adain_layers[idx],
                                          x, audio.global_, audio.local).float()
-        caches.frames_written[step] = max(caches.frames_written[step], block_start + f)
-        caches.ref_roped_for = block_start
         out = self.head(x, e)
         return self._unpatchify(out, (f, hp, wp))
 
