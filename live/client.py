@@ -1,7 +1,8 @@
 """`live-avatar client` and the peers tests and benchmarks use: a talker over /ws, a WHIP publisher, a WHEP viewer.
 
 Each is a real aiortc peer: the talker streams an audio file as its microphone in real time and records the avatar
-video and audio it gets back (see :mod:`live.recording` for the measurements).
+video and audio it gets back (see :mod:`live.recording` for the measurements). Unless given their own, they use the
+STUN/TURN servers the server hands its pages (``GET /api/config``, the server's ``server.ice_servers``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit, urlunsplit
@@ -17,11 +19,14 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import aiohttp
 import numpy as np
 import websockets
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from pydantic import ValidationError
 
 from .file_track import FileMicTrack
 from .media import MediaError, read_audio_16k
+from .peer import rtc_configuration
 from .recording import Recorder, SyncReport
+from .settings import IceServer
 
 TAIL_S = 3.0
 CONNECT_TIMEOUT_S = 30.0
@@ -53,9 +58,42 @@ def _http_url(server: str, path: str) -> str:
     return urljoin(urlunsplit((scheme, parts.netloc, "/", "", "")), path)
 
 
-def new_peer() -> RTCPeerConnection:
-    """A peer connection without STUN (loopback and LAN need none; an unreachable STUN server only adds delay)."""
-    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+def new_peer(ice_servers: Sequence[IceServer] = ()) -> RTCPeerConnection:
+    """A peer connection using ``ice_servers`` (default none: loopback and LAN need no STUN/TURN)."""
+    return RTCPeerConnection(rtc_configuration(ice_servers))
+
+
+def parse_ice_server(text: str) -> IceServer:
+    """A STUN/TURN server given as text: a URL (``stun:host:3478``) or a JSON object with ``urls`` and, for TURN,
+    ``username`` and ``credential``; raises ``ValueError`` saying what is wrong."""
+    try:
+        return IceServer.model_validate(json.loads(text) if text.lstrip().startswith("{") else text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"ICE server {text!r} is neither a STUN/TURN URL nor a JSON object: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise ValueError(f"ICE server {text!r}: {problems}") from None
+
+
+async def server_ice_servers(server: str) -> list[IceServer]:
+    """The STUN/TURN servers ``server`` hands its pages (``GET /api/config``); raises :class:`ClientError`."""
+    url = _http_url(server, "/api/config")
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url, timeout=aiohttp.ClientTimeout(total=CONNECT_TIMEOUT_S)) as resp:
+                if resp.status != 200:
+                    raise ClientError(f"GET {url} answered {resp.status}: {await resp.text()}")
+                body = await resp.json()
+        return [IceServer.model_validate(s) for s in body["ice_servers"]]
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise ClientError(f"cannot read {url}: {exc.__class__.__name__}: {exc}") from exc
+    except (KeyError, TypeError, ValidationError) as exc:
+        raise ClientError(f"{url} is not a live-avatar client configuration: {exc}") from exc
+
+
+async def _peer(server: str, ice_servers: Sequence[IceServer] | None) -> RTCPeerConnection:
+    """A peer using ``ice_servers``, or the server's own when None."""
+    return new_peer(await server_ice_servers(server) if ice_servers is None else ice_servers)
 
 
 async def _connected(pc: RTCPeerConnection, timeout: float) -> float:
@@ -74,12 +112,13 @@ async def _connected(pc: RTCPeerConnection, timeout: float) -> float:
 
 
 async def talk(server: str, audio: Path, seconds: float | None = None, out: Path | None = None,
-               image: str | None = None, prompt: str = "") -> TalkResult:
+               image: str | None = None, prompt: str = "",
+               ice_servers: Sequence[IceServer] | None = None) -> TalkResult:
     """Drive a session over /ws with ``audio`` as the microphone for ``seconds`` (default: the audio + a tail),
-    record what comes back (to ``out`` if given) and measure it."""
+    record what comes back (to ``out`` if given) and measure it. ``ice_servers`` None: the server's."""
     pcm = read_audio_16k(Path(audio))
     duration = seconds if seconds is not None else pcm.shape[0] / 16000 + TAIL_S
-    pc = new_peer()
+    pc = await _peer(server, ice_servers)
     mic = FileMicTrack(pcm)
     pc.addTransceiver(mic, direction="sendrecv")
     pc.addTransceiver("video", direction="recvonly")
@@ -163,12 +202,12 @@ async def _hang_up(pc: RTCPeerConnection, resource_url: str) -> int:
 class WhipPublisher:
     """A WHIP client: sends an audio file as the voice of a new session (RFC 9725)."""
 
-    def __init__(self, server: str, audio: np.ndarray) -> None:
-        """Prepare to publish ``audio`` (16 kHz float32) to ``server``."""
+    def __init__(self, server: str, audio: np.ndarray, ice_servers: Sequence[IceServer] | None = None) -> None:
+        """Prepare to publish ``audio`` (16 kHz float32) to ``server``; ``ice_servers`` None: the server's."""
         self.server = server
         self.mic = FileMicTrack(audio)
-        self.pc = new_peer()
-        self.pc.addTransceiver(self.mic, direction="sendonly")
+        self.ice_servers = ice_servers
+        self.pc: RTCPeerConnection | None = None
         self.location: str | None = None
 
     @property
@@ -180,6 +219,8 @@ class WhipPublisher:
 
     async def start(self, query: str = "") -> None:
         """POST the offer; raises :class:`ClientError` with the server's message if refused."""
+        self.pc = await _peer(self.server, self.ice_servers)
+        self.pc.addTransceiver(self.mic, direction="sendonly")
         self.location, answer = await _post_offer(self.pc, _http_url(self.server, "/whip" + query), "WHIP")
         await self.pc.setRemoteDescription(answer)
         await _connected(self.pc, CONNECT_TIMEOUT_S)
@@ -192,19 +233,22 @@ class WhipPublisher:
 class WhepViewer:
     """A WHEP client: watches a session and records what it receives."""
 
-    def __init__(self, server: str, session_id: str, max_seconds: float = 120.0) -> None:
-        """Prepare to watch ``session_id`` on ``server``."""
+    def __init__(self, server: str, session_id: str, max_seconds: float = 120.0,
+                 ice_servers: Sequence[IceServer] | None = None) -> None:
+        """Prepare to watch ``session_id`` on ``server``; ``ice_servers`` None: the server's."""
         self.server = server
         self.session_id = session_id
-        self.pc = new_peer()
-        self.pc.addTransceiver("video", direction="recvonly")
-        self.pc.addTransceiver("audio", direction="recvonly")
+        self.ice_servers = ice_servers
+        self.pc: RTCPeerConnection | None = None
         self.recorder = Recorder(max_seconds=max_seconds)
         self.location: str | None = None
         self.connected_at: float | None = None
 
     async def start(self) -> None:
         """POST the offer and start receiving; raises :class:`ClientError` if refused."""
+        self.pc = await _peer(self.server, self.ice_servers)
+        self.pc.addTransceiver("video", direction="recvonly")
+        self.pc.addTransceiver("audio", direction="recvonly")
         self.location, answer = await _post_offer(self.pc, _http_url(self.server, f"/whep/{self.session_id}"), "WHEP")
         await self.pc.setRemoteDescription(answer)
         self.recorder.attach(self.pc)
@@ -219,10 +263,14 @@ class WhepViewer:
         return await _hang_up(self.pc, _http_url(self.server, self.location))
 
 
-def run_client(server: str, audio: Path, out: Path, seconds: float | None) -> int:
-    """`live-avatar client`: talk to ``server`` with ``audio`` as the mic, record to ``out``; returns an exit code."""
+def run_client(server: str, audio: Path, out: Path, seconds: float | None,
+               ice_servers: Sequence[IceServer] | None = None) -> int:
+    """`live-avatar client`: talk to ``server`` with ``audio`` as the mic, record to ``out``; returns an exit code.
+
+    ``ice_servers`` None: the STUN/TURN servers the server hands out.
+    """
     try:
-        result = asyncio.run(talk(server, Path(audio), seconds, Path(out)))
+        result = asyncio.run(talk(server, Path(audio), seconds, Path(out), ice_servers=ice_servers))
     except (ClientError, MediaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

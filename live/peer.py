@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
+
+from .settings import IceServer
 
 MAX_SDP_BYTES = 64 * 1024
 
@@ -37,6 +39,16 @@ def parse_offer(sdp: str, need: tuple[str, ...] = ()) -> SessionDescription:
     return desc
 
 
+def rtc_configuration(ice_servers: Sequence[IceServer] = ()) -> RTCConfiguration:
+    """aiortc's configuration for ``ice_servers``; none means host candidates only (loopback and LAN need no more).
+
+    aiortc uses the first ``stun:`` and the first ``turn:``/``turns:`` URL (``stuns:`` is for browsers only). Gathering
+    waits for them, so an unreachable server delays every offer or answer by up to aioice's 5 s timeout.
+    """
+    return RTCConfiguration(iceServers=[RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
+                                        for s in ice_servers])
+
+
 class PeerLink:
     """An ``RTCPeerConnection`` with a role, an id and a notion of liveness.
 
@@ -44,11 +56,13 @@ class PeerLink:
     peer is watching) or :meth:`touch` (mic audio arrived, a signaling message came in).
     """
 
-    def __init__(self, role: str, on_gone: Callable[["PeerLink", str], None]) -> None:
-        """Create the connection; ``on_gone(link, reason)`` runs once when ICE/DTLS fails or it closes."""
+    def __init__(self, role: str, on_gone: Callable[["PeerLink", str], None],
+                 ice_servers: Sequence[IceServer] = ()) -> None:
+        """Create the connection with ``ice_servers`` (STUN/TURN); ``on_gone(link, reason)`` runs once when ICE/DTLS
+        fails or it closes."""
         self.role = role
         self.id = secrets.token_urlsafe(8)
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = RTCPeerConnection(rtc_configuration(ice_servers))
         self.created = time.time()
         self.last_seen = self.created
         self._on_gone = on_gone

@@ -79,6 +79,7 @@ class Session:
         self.handle = handle
         self._manager = manager
         self._metrics = manager.metrics
+        self._ice_servers = manager.settings.server.ice_servers
         self.clock = SessionClock()
         self.feed = AudioFeed(
             fps=eng.fps, push=self._push_audio, generated=lambda: handle.frames_generated,
@@ -121,21 +122,22 @@ class Session:
     async def connect_talker(self, offer_sdp: str) -> str:
         """The talker's peer: its mic drives the avatar and it receives the avatar. Returns the SDP answer."""
         check_h264_offer(offer_sdp)
-        link = PeerLink("talker", self._talker_gone)
+        link = PeerLink("talker", self._talker_gone, self._ice_servers)
         self._add_video(link)
         link.pc.addTransceiver(AvatarAudioTrack(self.audio_encoder), direction="sendrecv")
         return await self._connect(link, offer_sdp, refuse=())
 
     async def connect_ingest(self, offer_sdp: str) -> str:
         """A WHIP peer: its audio drives the avatar, it receives nothing. Returns the SDP answer."""
-        return await self._connect(PeerLink("ingest", self._talker_gone), offer_sdp, refuse=("video",))
+        link = PeerLink("ingest", self._talker_gone, self._ice_servers)
+        return await self._connect(link, offer_sdp, refuse=("video",))
 
     async def add_viewer(self, offer_sdp: str) -> tuple[PeerLink, str]:
         """A WHEP viewer of this session. Returns its link and the SDP answer."""
         if len(self.viewers) >= MAX_VIEWERS:
             raise ViewerLimit(f"session {self.id} already has {MAX_VIEWERS} viewers")
         check_h264_offer(offer_sdp)
-        link = PeerLink("viewer", lambda lk, reason: self.spawn(self.remove_viewer(lk.id)))
+        link = PeerLink("viewer", lambda lk, reason: self.spawn(self.remove_viewer(lk.id)), self._ice_servers)
         self._add_video(link)
         link.pc.addTransceiver(AvatarAudioTrack(self.audio_encoder), direction="sendonly")
         try:

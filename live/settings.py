@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from model.config import ModelConfig
@@ -47,6 +49,62 @@ class StreamSettings(BaseModel):
                                  "the next block is denoised, whenever the next block's audio is already there.")
 
 
+ICE_URL = re.compile(r"(?P<scheme>stuns?|turns?):(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
+                     r"(?::(?P<port>[0-9]{1,5}))?(?:\?transport=(?P<transport>udp|tcp))?")
+ICE_URL_FORMS = "stun:HOST[:PORT], stuns:HOST[:PORT], turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT]"
+
+
+def check_ice_url(url: str) -> str:
+    """``url`` if it is a STUN/TURN URL (RFC 7064/7065) as browsers and aiortc take it; else a ``ValueError``."""
+    match = ICE_URL.fullmatch(url)
+    if match is None:
+        raise ValueError(f"{url!r} is not a STUN/TURN URL; use {ICE_URL_FORMS}")
+    if match["port"] is not None and not 0 < int(match["port"]) < 65536:
+        raise ValueError(f"{url!r}: port {match['port']} is outside 1-65535")
+    if match["transport"] is not None and not match["scheme"].startswith("turn"):
+        raise ValueError(f"{url!r}: only turn: and turns: URLs take ?transport=")
+    return url
+
+
+class IceServer(BaseModel):
+    """One STUN or TURN server, as a browser's ``RTCIceServer``: ``urls`` and, for TURN, username and credential.
+
+    A plain string stands for ``{"urls": [string]}``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    urls: list[str] = Field(min_length=1, description="stun:/stuns:/turn:/turns: URLs of one server.")
+    username: str | None = None
+    credential: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_url(cls, data: Any) -> Any:
+        return {"urls": [data]} if isinstance(data, str) else data
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _one_url(cls, urls: Any) -> Any:
+        return [urls] if isinstance(urls, str) else urls
+
+    @field_validator("urls")
+    @classmethod
+    def _check_urls(cls, urls: list[str]) -> list[str]:
+        return [check_ice_url(url) for url in urls]
+
+    @model_validator(mode="after")
+    def _turn_needs_credentials(self) -> IceServer:
+        turn = [url for url in self.urls if url.startswith("turn")]
+        if turn and (self.username is None or self.credential is None):
+            raise ValueError(f"TURN server {turn[0]!r} needs a username and a credential")
+        return self
+
+    def for_browser(self) -> dict[str, Any]:
+        """The ``RTCIceServer`` dictionary a page passes to ``new RTCPeerConnection``."""
+        return self.model_dump(exclude_none=True)
+
+
 class ServerSettings(BaseModel):
     """HTTP/WebRTC server options."""
 
@@ -58,6 +116,10 @@ class ServerSettings(BaseModel):
     reap_after_s: float = 8.0
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_side: int = 4096
+    ice_servers: list[IceServer] = Field(default_factory=list, description="STUN/TURN servers for the server's "
+                                         "peers, the pages and `live-avatar client` (e.g. [\"stun:stun.example.org\", "
+                                         "{urls: [\"turn:turn.example.org\"], username: u, credential: p}]); empty = "
+                                         "host candidates only (loopback/LAN), nothing is contacted.")
 
 
 class OutputSettings(BaseModel):
@@ -157,4 +219,6 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     try:
         return Settings(**data)
     except Exception as exc:  # pydantic.ValidationError carries the field paths
-        raise ConfigError(f"{cfg_path}: {exc}") from exc
+        env = sorted(k for k in os.environ if k.upper().startswith("LIVE_AVATAR_"))
+        hint = f" (environment overrides in effect: {', '.join(env)}; lists there are JSON)" if env else ""
+        raise ConfigError(f"{cfg_path}: {exc}{hint}") from exc

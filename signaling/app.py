@@ -47,6 +47,7 @@ def create_app(settings: Settings) -> web.Application:
         web.get("/metrics", http.metrics),
         web.post("/api/images", http.upload_image),
         web.get("/api/samples", http.samples),
+        web.get("/api/config", http.client_config),
         web.post("/api/sessions/{session}/rtmp", rest.start_rtmp),
         web.get("/api/sessions/{session}/rtmp", rest.rtmp_status),
         web.delete("/api/sessions/{session}/rtmp", rest.stop_rtmp),

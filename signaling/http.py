@@ -73,6 +73,14 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=503 if body["status"] == "error" else 200)
 
 
+async def client_config(request: web.Request) -> web.Response:
+    """GET /api/config: what the pages and ``live-avatar client`` need to connect: ``{"ice_servers": [...]}``, each
+    an ``RTCIceServer`` dictionary (``urls``, and ``username``/``credential`` for TURN)."""
+    servers = request.app[STATE].settings.server.ice_servers
+    return web.json_response({"ice_servers": [s.for_browser() for s in servers]},
+                             headers={"Cache-Control": "no-store"})
+
+
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text exposition."""
     return web.Response(body=request.app[STATE].metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

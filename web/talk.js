@@ -86,6 +86,16 @@ function waitForIceGathering(pc, timeoutMs) {
 async function start() {
   showError("");
   ui.start.disabled = true;
+  let iceServers; // STUN/TURN from the server's settings (server.ice_servers); none needed on loopback/LAN
+  try {
+    const config = await fetch("/api/config");
+    if (!config.ok) throw new Error(`HTTP ${config.status}`);
+    iceServers = (await config.json()).ice_servers;
+  } catch (err) {
+    showError(`Cannot read the server's configuration (/api/config): ${err.message || err}`);
+    ui.start.disabled = false;
+    return;
+  }
   setState("getting microphone…");
   let mic;
   try {
@@ -98,7 +108,7 @@ async function start() {
     ui.start.disabled = false;
     return;
   }
-  const pc = new RTCPeerConnection({ iceServers: [] });
+  const pc = new RTCPeerConnection({ iceServers });
   const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
   call = { pc, ws, mic, statsTimer: null, serverLatency: null, lastFrames: null, lastTime: null };
 

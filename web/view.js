@@ -29,7 +29,10 @@ function say(text) {
 }
 
 async function connect() {
-  pc = new RTCPeerConnection({ iceServers: [] });
+  // STUN/TURN from the server's settings (server.ice_servers); none needed on loopback/LAN.
+  const config = await fetch("/api/config");
+  if (!config.ok) throw new Error(`cannot read the server's configuration (HTTP ${config.status})`);
+  pc = new RTCPeerConnection({ iceServers: (await config.json()).ice_servers });
   const own = pc;
   pc.addTransceiver("video", { direction: "recvonly" });
   pc.addTransceiver("audio", { direction: "recvonly" });
