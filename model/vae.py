@@ -1,8 +1,9 @@
 """Wan2.1 VAE wrapper: build, latent (de)normalisation, encode, and block-by-block streaming decode.
 
 Latents handed to and from the DiT are *normalised* (``(mu - mean) / std`` per channel), as upstream; the VAE
-itself only ever sees raw latents. Streaming decode drives ``AutoencoderKLWan.decoder`` one latent frame at a
-time and keeps the causal-conv cache between calls, which diffusers' own ``decode`` clears on every call.
+itself only ever sees raw latents. Streaming decode drives ``AutoencoderKLWan.decoder`` a chunk of latent frames
+at a time (a stream's first latent alone, as diffusers does) and keeps the causal-conv cache between calls, which
+diffusers' own ``decode`` clears on every call.
 The cache handling relies on the decoder's ``feat_cache`` / ``feat_idx`` arguments of diffusers 0.42.1.
 """
 
@@ -112,13 +113,13 @@ class StreamingVAEDecoder:
             z = denormalize_latents(self.vae, latents.to(device=param.device, dtype=param.dtype))
             x = self.vae.post_quant_conv(z)
             outs = []
-            for i in range(x.shape[2]):
-                first = self._stream_shape is None
-                outs.append(
-                    self.vae.decoder(x[:, :, i : i + 1], feat_cache=self._cache, feat_idx=[0], first_chunk=first)
-                )
+            if self._stream_shape is None:  # a stream's first latent alone: it primes the upsamplers' caches
+                outs.append(self.vae.decoder(x[:, :, :1], feat_cache=self._cache, feat_idx=[0], first_chunk=True))
                 self._stream_shape = shape
-            return torch.cat(outs, dim=2).clamp_(-1.0, 1.0)
+                x = x[:, :, 1:]
+            if x.shape[2] > 0:
+                outs.append(self.vae.decoder(x, feat_cache=self._cache, feat_idx=[0]))
+            return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).clamp_(-1.0, 1.0)
 
 
 def to_uint8_frames(frames: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,24 @@ def test_streamed_decode_matches_one_shot_decode(vae, one_shot_reference, split)
     assert (streamed.abs() < 1.0).any(), "output fully clamped: the comparison would prove nothing"
 
 
+def test_a_chunk_is_one_decoder_call_and_equals_decoding_latent_by_latent(vae, monkeypatch):
+    """After a stream's first latent (decoded alone, as diffusers does), each chunk is one call of the VAE's
+    decoder over all its latents — and gives what one call per latent gives."""
+    latents = _latents(7)
+    per_latent = torch.cat(_stream(StreamingVAEDecoder(vae), latents, [1] * 7), dim=2)
+    calls = []
+    forward = vae.decoder.forward
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape[2])
+        return forward(x, *args, **kwargs)
+
+    monkeypatch.setattr(vae.decoder, "forward", spy)
+    chunked = torch.cat(_stream(StreamingVAEDecoder(vae), latents, [4, 3]), dim=2)
+    assert calls == [1, 3, 3]
+    assert (chunked - per_latent).abs().max().item() <= TOL
+
+
 def test_two_interleaved_streams_on_one_vae_equal_two_separate_streams(vae):
     a, b = _latents(6, seed=2), _latents(6, seed=3)
     separate_a = torch.cat(_stream(StreamingVAEDecoder(vae), a, [3, 3]), dim=2)
