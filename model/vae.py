@@ -84,11 +84,21 @@ class StreamingVAEDecoder:
     must not be called from two threads at once.
     """
 
-    def __init__(self, vae: AutoencoderKLWan) -> None:
-        """Wrap ``vae`` (Wan2.1 layout, ``patch_size=None``); the VAE's spatial-tiling setting is not applied."""
+    def __init__(self, vae: AutoencoderKLWan, latents_per_call: int | None = None) -> None:
+        """Wrap ``vae`` (Wan2.1 layout, ``patch_size=None``); the VAE's spatial-tiling setting is not applied.
+
+        ``latents_per_call`` bounds how many latent frames go through the decoder at once (activation memory grows
+        with it; fewer calls are faster). Default: the whole chunk on a CPU, one latent at a time on a GPU, where
+        the 14B profile's decode activations must fit beside the DiT (bench/RESULTS.md measured it that way).
+        """
         if vae.config.patch_size is not None:
             raise ValueError("StreamingVAEDecoder supports the Wan2.1 VAE layout only (patch_size=None)")
+        if latents_per_call is not None and latents_per_call < 1:
+            raise ValueError(f"latents_per_call must be >= 1, got {latents_per_call}")
+        if latents_per_call is None and next(vae.parameters()).is_cuda:
+            latents_per_call = 1
         self.vae = vae
+        self.latents_per_call = latents_per_call
         self._num_convs: int = vae._cached_conv_counts["decoder"]
         self._cache: list[torch.Tensor | str | None] = []
         self._stream_shape: tuple[int, int, int] | None = None
@@ -117,8 +127,9 @@ class StreamingVAEDecoder:
                 outs.append(self.vae.decoder(x[:, :, :1], feat_cache=self._cache, feat_idx=[0], first_chunk=True))
                 self._stream_shape = shape
                 x = x[:, :, 1:]
-            if x.shape[2] > 0:
-                outs.append(self.vae.decoder(x, feat_cache=self._cache, feat_idx=[0]))
+            step = self.latents_per_call or max(x.shape[2], 1)
+            for i in range(0, x.shape[2], step):
+                outs.append(self.vae.decoder(x[:, :, i:i + step], feat_cache=self._cache, feat_idx=[0]))
             return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).clamp_(-1.0, 1.0)
 
 

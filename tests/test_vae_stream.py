@@ -158,3 +158,22 @@ def test_to_uint8_frames_maps_minus_one_to_zero_and_one_to_255_channels_last():
     assert pixels.dtype == torch.uint8
     assert pixels.shape == (2, 4, 5, 3)
     assert pixels[0, 0, 0].tolist() == [0, 128, 255]
+
+
+def test_latents_per_call_bounds_each_decoder_call(vae, monkeypatch):
+    """``latents_per_call`` splits a chunk into bounded decoder calls (the GPU default is 1), same frames."""
+    latents = _latents(7)
+    whole = torch.cat(_stream(StreamingVAEDecoder(vae), latents, [4, 3]), dim=2)
+    calls = []
+    forward = vae.decoder.forward
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape[2])
+        return forward(x, *args, **kwargs)
+
+    monkeypatch.setattr(vae.decoder, "forward", spy)
+    bounded = torch.cat(_stream(StreamingVAEDecoder(vae, latents_per_call=2), latents, [4, 3]), dim=2)
+    assert calls == [1, 2, 1, 2, 1]
+    assert (bounded - whole).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="latents_per_call"):
+        StreamingVAEDecoder(vae, latents_per_call=0)
