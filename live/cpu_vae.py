@@ -25,6 +25,7 @@ With autograd recording, or without a decoder cache (the encoder's path), they f
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +105,15 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and all(s == 1 or x == y for s, x, y in zip(a.shape, a.stride(), b.stride()))
 
 
+def _derived(module: nn.Module, name: str, build: Callable[[], Any]) -> Any:
+    """``build()``, kept on ``module`` until one of its own parameters changes (in place or replaced)."""
+    stamp = tuple((p.data_ptr(), p._version) for p in module.parameters(recurse=False))
+    kept = module.__dict__.setdefault("_cpu_vae_derived", {})
+    if name not in kept or kept[name][0] != stamp:
+        kept[name] = (stamp, build())
+    return kept[name][1]
+
+
 class StackedCausalConv3d(WanCausalConv3d):
     """``WanCausalConv3d`` run by oneDNN on channels-last input; returns channels-last output (same values)."""
 
@@ -158,21 +168,26 @@ class StackedCausalConv3d(WanCausalConv3d):
         return self._onednn(buf, self.weight, self.bias)
 
     def _super_frame_conv(self, buf: torch.Tensor) -> torch.Tensor:
-        """This conv over paired frames ``buf`` (one leading pair of padding frames) as a 2-super-frame conv:
-        output frame ``2τ+po`` reads frame ``2(τ-1+s)+pi`` through the 3-frame kernel's tap ``2s+pi-po``."""
+        """This conv over paired frames ``buf`` (one leading pair of padding frames) as a 2-super-frame conv."""
         b, c, _, _, h, w = buf.shape
         co = self.out_channels
-        weight = self.weight.new_zeros((2, co, 2, c, 2, *self.kernel_size[1:]))
+        weight, bias = _derived(self, "super_frame", self._super_frame_weights)
+        supers = buf.permute(0, 2, 4, 5, 3, 1).reshape(b, -1, h, w, 2 * c).permute(0, 4, 1, 2, 3)
+        out = self._onednn(supers, weight, bias)  # [b, 2co, t/2, h, w] NDHWC
+        return out.permute(0, 2, 3, 4, 1).unflatten(-1, (2, co)).permute(0, 5, 1, 4, 2, 3)
+
+    def _super_frame_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weights of the 2-super-frame conv: output frame ``2τ+po`` reads frame ``2(τ-1+s)+pi`` through the
+        3-frame kernel's tap ``2s+pi-po`` (zero where that falls outside the kernel)."""
+        co, ci = self.out_channels, self.in_channels
+        weight = self.weight.new_zeros((2, co, 2, ci, 2, *self.kernel_size[1:]))
         for po in range(2):
             for pi in range(2):
                 for s in range(2):
                     if 0 <= 2 * s + pi - po < 3:
                         weight[po, :, pi, :, s] = self.weight[:, :, 2 * s + pi - po]
-        weight = weight.reshape(2 * co, 2 * c, 2, *self.kernel_size[1:])
         bias = None if self.bias is None else self.bias.repeat(2)
-        supers = buf.permute(0, 2, 4, 5, 3, 1).reshape(b, -1, h, w, 2 * c).permute(0, 4, 1, 2, 3)
-        out = self._onednn(supers, weight, bias)  # [b, 2co, t/2, h, w] NDHWC
-        return out.permute(0, 2, 3, 4, 1).unflatten(-1, (2, co)).permute(0, 5, 1, 4, 2, 3)
+        return weight.reshape(2 * co, 2 * ci, 2, *self.kernel_size[1:]), bias
 
 
 class FastRMSNorm(WanRMS_norm):
@@ -197,8 +212,10 @@ class FastRMSNorm(WanRMS_norm):
         per_channel = (-1,) + (1,) * (x.dim() - 2)
         rows, out_rows = _channel_rows(x), _channel_rows(out)
         if rows is not None:  # channels innermost: Σx² as a [pixels, channels] × [channels, 1] matmul
-            inv = torch.mm(rows.square(), x.new_ones(channels, 1)).clamp_min_(1e-24).rsqrt_()
-            if out_rows is not None and _same_layout(x, out):
+            same = out_rows is not None and _same_layout(x, out)
+            squares = torch.mul(rows, rows, out=out_rows) if same else rows.square()  # out: scratch until below
+            inv = torch.mm(squares, x.new_ones(channels, 1)).clamp_min_(1e-24).rsqrt_()
+            if same:
                 torch.mul(rows, inv, out=out_rows)
             else:
                 strides = [0 if i == 1 else st // channels for i, st in enumerate(x.stride())]
@@ -206,16 +223,21 @@ class FastRMSNorm(WanRMS_norm):
         else:
             inv = x.square().sum(dim=1, keepdim=True).clamp_min_(1e-24).rsqrt_()
             torch.mul(x, inv, out=out)
-        gain = (self.scale * self.gamma).reshape(-1)
         if out_rows is not None:  # a per-channel vector broadcast along short rows is slow: tile it over k rows
             k = math.gcd(out_rows.shape[0], 16)
-            out_rows.view(-1, k * channels).mul_(gain.repeat(k))
-            if isinstance(self.bias, torch.Tensor):
-                out_rows.view(-1, k * channels).add_(self.bias.reshape(-1).repeat(k))
+            gain, bias = _derived(self, f"tiled{k}", lambda: self._tiled_affine(k))
+            out_rows.view(-1, k * channels).mul_(gain)
+            if bias is not None:
+                out_rows.view(-1, k * channels).add_(bias)
         else:
-            out.mul_(gain.reshape(per_channel))
+            out.mul_((self.scale * self.gamma).reshape(per_channel))
             if isinstance(self.bias, torch.Tensor):
                 out.add_(self.bias.reshape(per_channel))
+
+    def _tiled_affine(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(scale·gamma, bias)`` per channel, repeated ``k`` times (bias ``None`` when there is none)."""
+        gain = (self.scale * self.gamma).reshape(-1).repeat(k)
+        return gain, self.bias.reshape(-1).repeat(k) if isinstance(self.bias, torch.Tensor) else None
 
 
 def _fast_norm_act_conv(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
@@ -270,14 +292,15 @@ class FastResample(WanResample):
                 x = self._upsample_time(x, feat_cache, idx)
                 t *= 2
         frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w).contiguous(memory_format=torch.channels_last)
-        weight, bias = self._phase_weights(conv)
+        weight, bias = _derived(conv, "phases", lambda: self._phase_weights(conv))
         out = torch.ops.aten.mkldnn_convolution(frames, weight, bias, (1, 1), (1, 1), (1, 1), 1)
         co = conv.out_channels
-        # [b·t, 4co, h, w] channels-last = [b, t, h, w, py, px·co] in memory → [b, t, h, py, w, px·co]
-        out = out.permute(0, 2, 3, 1).reshape(b, t, h, w, 2, 2 * co).permute(0, 1, 2, 4, 3, 5).contiguous()
-        if paired_out and _pairs(co, t):  # → [b, t/2, 2h·2w, 2, co], one pixel's channels moved as one element
-            out = _pixels(out.view(b, t // 2, 2, 4 * h * w, co)).transpose(2, 3).contiguous().view(x.dtype)
+        # [b·t, 4co, h, w] channels-last = [b, t, h, w, py, px, co] in memory; shuffle whole pixels
+        out = _pixels(out.permute(0, 2, 3, 1).unflatten(-1, (4, co))).view(b, t, h, w, 2, 2, -1)
+        if paired_out and _pairs(co, t):  # → [b, t/2, h, py, w, px, 2, co]
+            out = out.unflatten(1, (t // 2, 2)).permute(0, 1, 3, 5, 4, 6, 2, 7).contiguous().view(x.dtype)
             return out.view(b, t // 2, 2 * h, 2 * w, 2, co).permute(0, 5, 1, 4, 2, 3)
+        out = out.permute(0, 1, 2, 4, 3, 5, 6).contiguous().view(x.dtype)  # → [b, t, h, py, w, px, co]
         return out.view(b, t, 2 * h, 2 * w, co).permute(0, 4, 1, 2, 3)
 
     def _upsample_time(self, x: torch.Tensor, feat_cache: list, idx: int) -> torch.Tensor:
