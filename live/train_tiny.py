@@ -14,6 +14,12 @@ Stages, each resumable from ``--work`` (checkpoints every ``--save-every`` secon
    is noised to ``σ_i`` and attends to the sink and the previous ``kv_cache_frames`` latent frames at the same
    noise level — exactly what the step-``i`` KV ring holds at inference. :func:`clip_velocity` is that forward
    over all blocks at once, built from the DiT's own pieces (see its test for equality with ``forward_block``).
+   Plus :func:`rollout_loss`: the mouth judged on the model's own sampling trajectory (:func:`sample_clips`).
+4. ``decoder`` (after the others, encoder frozen): :func:`train_decoder` fine-tunes the VAE decoder on long
+   streams decoded block by block as the engine does, the causal cache carried, backprop truncated every few
+   blocks — the decoder must stay stable over a whole stream, not only over the first stage's short clips.
+5. ``export``: only writes the weights file from ``--work`` / ``--init-from`` (scripts/device_train_tiny.sh runs
+   ``decoder`` and ``dit`` side by side on one GPU, then this).
 
 The result is one safetensors file with ``dit.`` / ``vae.`` / ``wav2vec2.`` / ``text.`` prefixes that
 ``ModelStack.load`` reads when the profile sets ``weights``.
@@ -34,7 +40,7 @@ import torch.nn.functional as F
 from model.audio_features import FrameAudioFeatures
 from model.dit import NOISY_MASK_ID, REF_MASK_ID, MOTION_MASK_ID, CausalS2VDiT, block_qkv, _dtype
 from model.rope import apply_rope, grid_positions, rope_cos_sin
-from model.vae import encode_video
+from model.vae import denormalize_latents, encode_video
 
 from . import synthetic as syn
 from .settings import Settings, load_settings
@@ -126,9 +132,57 @@ def build_stack(settings: Settings, device: torch.device):
 
     s = settings.model_copy(update={"weights": None, "device": "cpu", "dtype": "float32", "threads": 0})
     stack = ModelStack.load(s)
+    stock_vae_(stack.vae, cpu=device.type == "cpu")
     for m in (stack.dit, stack.vae, stack.wav2vec2, stack.text_encoder):
         m.to(device)
     return stack
+
+
+def stock_vae_(vae: torch.nn.Module, cpu: bool = False) -> torch.nn.Module:
+    """Give every VAE module back its diffusers class: ``ModelStack.load`` on CPU swaps in inference-only fast paths
+    (live/cpu_vae.py), while training needs differentiable maths on any device. With ``cpu`` the causal convs
+    become :class:`_StackedConv3d` (differentiable, and ~20x faster than PyTorch's CPU conv3d for a few channels).
+    Parameters are untouched (only classes change)."""
+    from diffusers.models.autoencoders import autoencoder_kl_wan as wan
+
+    stock = {v for v in vars(wan).values() if isinstance(v, type) and issubclass(v, torch.nn.Module)}
+    for module in vae.modules():
+        if type(module) not in stock:
+            base = next((c for c in type(module).__mro__ if c in stock), None)
+            if base is not None:
+                module.__class__ = base
+        if cpu and type(module) is wan.WanCausalConv3d:
+            module.__class__ = _stacked_conv_class()
+    return vae
+
+
+def _stacked_conv_class():
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    class _StackedConv3d(WanCausalConv3d):
+        """A causal conv (temporal stride 1) as one ``conv2d`` over its ``kt`` input frames stacked along channels:
+        PyTorch's CPU ``conv3d`` takes a naive kernel for these few-channel shapes. Same values, differentiable."""
+
+        def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+            if self.stride[0] != 1 or self.dilation != (1, 1, 1) or self.groups != 1:
+                return super().forward(x, cache_x)
+            padding = list(self._padding)
+            if cache_x is not None and self._padding[4] > 0:
+                x = torch.cat([cache_x.to(x.device), x], dim=2)
+                padding[4] -= cache_x.shape[2]
+            x = F.pad(x, padding)
+            b, c, t, h, w = x.shape
+            kt = self.kernel_size[0]
+            frames = t - kt + 1
+            stacked = x.unfold(2, kt, 1).permute(0, 2, 1, 5, 3, 4).reshape(b * frames, c * kt, h, w)
+            weight = self.weight.reshape(self.out_channels, c * kt, *self.kernel_size[1:])
+            out = F.conv2d(stacked, weight, self.bias, stride=self.stride[1:])
+            return out.unflatten(0, (b, frames)).transpose(1, 2)
+
+    global _STACKED
+    if "_STACKED" not in globals():
+        _STACKED = _StackedConv3d
+    return _STACKED
 
 
 def save_weights(path: Path, stack) -> None:
@@ -159,13 +213,14 @@ def _random_face_clip(ch: syn.Character, frames: int, rng: np.random.Generator) 
     return np.stack([syn.render_frame(ch, syn.FaceState(float(a), float(b), *m)) for a, b, m in zip(o, r, idle)]), 0
 
 
-def _mouth_weight(chars: list[syn.Character], idx: list[int], device: torch.device) -> torch.Tensor:
+def _mouth_weight(chars: list[syn.Character], idx: list[int], device: torch.device, mouth: float = 8.0,
+                  eyes: float = 3.0) -> torch.Tensor:
     w = torch.ones(len(idx), 1, 1, syn.SIZE, syn.SIZE, device=device)
     for b, i in enumerate(idx):
         x0, y0, x1, y1 = chars[i].mouth_box()
-        w[b, :, :, y0:y1, x0:x1] = 8.0
+        w[b, :, :, y0:y1, x0:x1] = mouth
         cx, cy = chars[i].head_center
-        w[b, :, :, int(cy - 25):int(cy + 5), int(cx - 35):int(cx + 35)] *= 3.0  # eyes
+        w[b, :, :, int(cy - 25):int(cy + 5), int(cx - 35):int(cx + 35)] *= eyes
     return w
 
 
@@ -190,16 +245,14 @@ def _to_video(frames: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(frames).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
 
 
-def train_vae(stack, args, log, decoder_only: bool = False) -> None:
-    """Train the VAE as an autoencoder; ``decoder_only`` fine-tunes the decoder on long clips with the encoder (and
-    so the latent space the DiT was trained in) frozen — the causal decoder must be stable over a whole stream,
-    not only over the few latents of the first stage's clips."""
+def train_vae(stack, args, log) -> None:
+    """Train the VAE as an autoencoder on short clips (``1 + 4·vae_latents`` frames decoded in one call). The
+    decoder's long-stream behaviour is the ``decoder`` stage's job (:func:`train_decoder`)."""
     device = next(stack.vae.parameters()).device
     vae = stack.vae
     chars = _characters(args.seed, args.extra_characters)
-    ckpt = Path(args.work) / ("decoder.pt" if decoder_only else "vae.pt")
-    params = (list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())) if decoder_only else list(
-        vae.parameters())
+    ckpt = Path(args.work) / "vae.pt"
+    params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
     step = 0
     if ckpt.exists():
@@ -215,8 +268,8 @@ def train_vae(stack, args, log, decoder_only: bool = False) -> None:
         p.requires_grad_(True)
     pool = _worker_pool(args)
     last_save = time.time()
-    frames = 1 + 4 * (args.decoder_latents if decoder_only else args.vae_latents)
-    budget = _Budget(args.decoder_minutes if decoder_only else args.vae_minutes, args.vae_steps, step)
+    frames = 1 + 4 * args.vae_latents
+    budget = _Budget(args.vae_minutes, args.vae_steps, step, args.deadline)
     while not budget.done(step):
         rng = np.random.default_rng([args.seed, 1, step])
         idx = [int(v) for v in rng.integers(0, len(chars), args.vae_batch)]
@@ -226,11 +279,7 @@ def train_vae(stack, args, log, decoder_only: bool = False) -> None:
         w = _mouth_weight(chars, idx, device)
         if args.vae_crop < syn.SIZE:  # the VAE is convolutional: crops (mostly around the mouth) are cheaper
             video, w = _crop(video, w, chars, idx, args.vae_crop, rng)
-        if decoder_only:
-            with torch.no_grad():
-                posterior = vae.encode(video).latent_dist
-        else:
-            posterior = vae.encode(video).latent_dist
+        posterior = vae.encode(video).latent_dist
         recon = vae.decode(posterior.mode()).sample
         err = (recon - video).abs() * w
         loss = err.mean() / w.mean() + 1e-4 * posterior.mode().pow(2).mean()
@@ -241,16 +290,23 @@ def train_vae(stack, args, log, decoder_only: bool = False) -> None:
             g["lr"] = args.vae_lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * budget.progress(step))))
         opt.step()
         step += 1
-        if step % (10 if decoder_only else 50) == 0:
-            log(f"{'decoder' if decoder_only else 'vae'} step {step} loss {loss.item():.4f}")
+        if step % 50 == 0:
+            log(f"vae step {step} loss {loss.item():.4f}")
         if time.time() - last_save > args.save_every:
-            torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+            _save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
             last_save = time.time()
     vae.eval().requires_grad_(False)
-    if not decoder_only:
-        _fold_latent_stats(stack, chars, args, log)
-    torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "done": True}, ckpt)
-    log(f"{'decoder' if decoder_only else 'vae'}: done at step {step}")
+    _fold_latent_stats(stack, chars, args, log)
+    _save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "done": True}, ckpt)
+    log(f"vae: done at step {step}")
+
+
+def _save(obj, path: Path) -> None:
+    """``torch.save`` through a temporary file and a rename: a stage running beside this one (or a kill mid-write)
+    never sees a half-written checkpoint."""
+    tmp = Path(path).with_name(Path(path).name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def state_done(path: Path) -> bool:
@@ -258,11 +314,14 @@ def state_done(path: Path) -> bool:
 
 
 class _Budget:
-    """Training progress in [0, 1] by steps, or by wall time when a budget in minutes is given (the LR schedule
-    follows it, so a time-boxed run still anneals)."""
+    """Training progress in [0, 1] by steps, or by wall time when a budget in minutes and/or a ``deadline`` (Unix
+    time by which the stage must stop) is given — the LR schedule follows it, so a time-boxed run still anneals."""
 
-    def __init__(self, minutes: float | None, steps: int, start_step: int) -> None:
+    def __init__(self, minutes: float | None, steps: int, start_step: int, deadline: float | None = None) -> None:
         self.seconds = None if minutes is None else minutes * 60
+        if deadline is not None:
+            left = max(1.0, deadline - time.time())
+            self.seconds = left if self.seconds is None else min(self.seconds, left)
         self.steps, self.t0, self.start_step = steps, time.time(), start_step
 
     def progress(self, step: int) -> float:
@@ -308,6 +367,196 @@ def _fold_latent_stats(stack, chars, args, log) -> None:
         f"after mean {z2.mean(dim=(0, 2, 3, 4)).abs().mean():.3f} std {z2.std(dim=(0, 2, 3, 4)).mean():.3f})")
 
 
+# ----- stage 1b: the decoder, trained as it is used (streaming) -----------------------------------------------
+def new_decoder_cache(vae) -> list:
+    """An empty causal-conv cache for ``vae.decoder`` (what :meth:`StreamingVAEDecoder.reset` makes)."""
+    return [None] * vae._cached_conv_counts["decoder"]
+
+
+def decode_chunk(vae, cache: list, latents: torch.Tensor, first: bool) -> torch.Tensor:
+    """:meth:`StreamingVAEDecoder.decode` with gradients and without the final clamp: normalised latents
+    ``[B, z, t, h, w]`` → frames ``[B, 3, n, 8h, 8w]`` with ``cache`` (a list from :func:`new_decoder_cache`)
+    carried across calls. ``first`` marks a stream's first chunk (after ``reset``): its first latent is decoded
+    alone (it primes the temporal upsamplers), the rest of a chunk in one decoder call — the same values as one
+    latent per call.
+
+    The cache entries are slices of this chunk's activations, so gradients flow through them into earlier chunks
+    (backprop through time) until :func:`detach_cache` cuts them."""
+    x = vae.post_quant_conv(denormalize_latents(vae, latents))
+    outs = []
+    if first:
+        outs.append(vae.decoder(x[:, :, :1], feat_cache=cache, feat_idx=[0], first_chunk=True))
+        x = x[:, :, 1:]
+    if x.shape[2]:
+        outs.append(vae.decoder(x, feat_cache=cache, feat_idx=[0]))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def detach_cache(cache: list) -> None:
+    """Truncate backprop through time: keep the cache's values, drop their history (in place)."""
+    for k, c in enumerate(cache):
+        if isinstance(c, torch.Tensor):
+            cache[k] = c.detach()
+
+
+def _frame_loss(recon: torch.Tensor, target: torch.Tensor, w: torch.Tensor, prev: tuple | None,
+                temporal: float, colour: float) -> torch.Tensor:
+    """Weighted L1 on pixels + L1 on frame-to-frame changes (from ``prev``'s last frame on: block starts count,
+    so seams and flicker cost) + L1 on 8×8 means (flat colours: shirt, background)."""
+    wm = w.mean()
+    loss = ((recon - target).abs() * w).mean() / wm
+    if temporal:
+        r, t = (recon, target) if prev is None else (torch.cat([prev[0], recon], 2), torch.cat([prev[1], target], 2))
+        if r.shape[2] > 1:
+            loss = loss + temporal * ((r.diff(dim=2) - t.diff(dim=2)).abs() * w).mean() / wm
+    if colour:
+        loss = loss + colour * (F.avg_pool3d(recon, (1, 8, 8)) - F.avg_pool3d(target, (1, 8, 8))).abs().mean()
+    return loss
+
+
+def _stream_job(ch: syn.Character, audio: np.ndarray, speech: np.ndarray, frames: int, seed: int) -> np.ndarray:
+    return _data_clip_job(ch, audio, speech, frames, seed)[0]
+
+
+@torch.no_grad()
+def make_streams(stack, args, chars: list[syn.Character], count: int, latents: int, seed: int,
+                 log=None) -> dict:
+    """``count`` long talking streams (speech / silence / tones, as the DiT's data) of ``latents`` latent frames
+    after the reference: uint8 frames ``[N, 1 + 4·latents, H, W, 3]`` (the reference image first, as the engine
+    primes its decoder with it) and their normalised latents ``[N, z, 1 + latents, h, w]`` from the frozen encoder.
+    Characters go round ``chars`` in order, so every one is covered."""
+    device = next(stack.vae.parameters()).device
+    bank = [np.asarray(a, np.float32) for a in np.load(args.speech, allow_pickle=True)["speech"]]
+    frames = 4 * latents
+    rng = np.random.default_rng([seed, 21])
+    jobs = []
+    for k in range(count):
+        audio, speech = syn.compose_audio(bank, frames / syn.FPS + 0.2, rng)
+        jobs.append((chars[k % len(chars)], audio, speech, frames, int(rng.integers(2**31))))
+    t0 = time.time()
+    video = np.stack(_worker_pool(args).starmap(_stream_job, jobs))
+    lat = []
+    for start in range(0, count, 4):  # the encoder works through a stream 4 frames at a time: little memory
+        lat.append(encode_video(stack.vae, _to_video(video[start:start + 4], device)).float().cpu())
+    if log is not None:
+        log(f"decoder: {count} streams of {video.shape[1]} frames rendered and encoded ({time.time() - t0:.0f} s)")
+    return {"frames": video, "latents": torch.cat(lat), "char": np.arange(count) % len(chars)}
+
+
+@torch.no_grad()
+def decode_streams(vae, latents: torch.Tensor, chunk: int = 3) -> torch.Tensor:
+    """Decode streams as the engine does: the reference latent alone (its frame dropped), then ``chunk`` latents
+    at a time with the cache kept → uint8 ``[B, 4·(t-1), H, W, 3]``."""
+    cache = new_decoder_cache(vae)
+    decode_chunk(vae, cache, latents[:, :, :1], True)
+    out = [decode_chunk(vae, cache, latents[:, :, a:a + chunk], False) for a in range(1, latents.shape[2], chunk)]
+    return ((torch.cat(out, 2).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
+
+
+def eval_decoder(vae, val: dict, log, tag: str) -> dict:
+    """Long-stream health of the decoder on held-out streams: PSNR per 48 frames (drift shows as a fall), mean
+    frame difference at 12-frame block boundaries vs within blocks (seams), largest region colour error."""
+    device = next(vae.parameters()).device
+    was_training = vae.training
+    vae.eval()
+    got = decode_streams(vae, val["latents"].to(device)).numpy().astype(np.float32)
+    vae.train(was_training)
+    want = val["frames"][:, 1:].astype(np.float32)
+    seg = 48
+    psnr = [float(10 * np.log10(255 ** 2 / max(1e-6, ((got[:, a:a + seg] - want[:, a:a + seg]) ** 2).mean())))
+            for a in range(0, got.shape[1], seg)]
+    diffs = np.abs(np.diff(got, axis=1)).mean(axis=(0, 2, 3, 4))
+    bi = np.arange(11, diffs.size, 12)
+    boundary = float(diffs[bi].mean()) if bi.size else float("nan")
+    within = float(np.delete(diffs, bi).mean())
+    shirt = np.abs(got[:, :, 178:190, 80:112].mean(axis=(1, 2, 3)) - want[:, :, 178:190, 80:112].mean(axis=(1, 2, 3)))
+    out = {"psnr": psnr, "boundary": boundary, "within": within, "shirt": float(shirt.max())}
+    log(f"decoder eval {tag}: PSNR per {seg} frames " + " ".join(f"{v:.1f}" for v in psnr)
+        + f"; frame diff at block starts {boundary:.2f} vs within {within:.2f}; worst shirt colour error "
+        f"{out['shirt']:.1f}")
+    return out
+
+
+def train_decoder(stack, args, log) -> None:
+    """Fine-tune the VAE decoder (and ``post_quant_conv``) the way the engine uses it: whole streams of
+    ``decoder_latents`` latents, primed with the reference latent, decoded one block (3 latents) at a time with the
+    causal cache carried across blocks. Truncated backprop through time: the graph spans ``decoder_tbptt`` blocks,
+    then the optimizer steps and the cache is detached (its values carried on). The encoder — the DiT's latent
+    space — stays frozen. Latents get Gaussian noise (σ up to ``decoder_noise``, half the streams) because at
+    inference the decoder reads the DiT's latents, not the encoder's."""
+    device = next(stack.vae.parameters()).device
+    vae = stack.vae
+    fpb = stack.dit.config.frames_per_block
+    ckpt = Path(args.work) / "decoder.pt"
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device)
+        vae.load_state_dict(state["vae"])
+        if state.get("done"):
+            log("decoder: already done")
+            return
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        log(f"decoder: resumed at step {step}")
+    chars = _characters(args.seed, args.extra_characters)
+    latents = -(-args.decoder_latents // fpb) * fpb
+    pool = make_streams(stack, args, chars, args.decoder_streams, latents, args.data_seed, log)
+    val = make_streams(stack, args, list(syn.BUILTIN), args.decoder_val_streams, args.decoder_val_latents, 12345)
+    eval_decoder(vae, val, log, "before")
+    vae.train().requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    window = fpb * max(1, args.decoder_tbptt)
+    windows = -(-latents // window)
+    budget = _Budget(args.decoder_minutes, args.decoder_steps, step, args.deadline)
+    last_save, t0, ema = time.time(), time.time(), None
+    n = len(pool["char"])
+    batch = step // windows
+    while not budget.done(step):
+        rng = np.random.default_rng([args.data_seed, 2, batch])
+        batch += 1
+        idx = rng.integers(0, n, args.decoder_batch)
+        lat = pool["latents"][idx].to(device)
+        g = torch.Generator(device=device).manual_seed(int(rng.integers(2**31)))
+        sigma = torch.from_numpy(rng.uniform(0, args.decoder_noise, len(idx)) * (rng.random(len(idx)) < 0.5))
+        lat[:, :, 1:] += sigma.float().to(device).view(-1, 1, 1, 1, 1) * torch.randn(
+            lat[:, :, 1:].shape, generator=g, device=device)
+        w = _mouth_weight(chars, [int(pool["char"][i]) for i in idx], device, args.decoder_mouth_weight, 2.0)
+        cache, prev = new_decoder_cache(vae), None
+        for k in range(windows):
+            a, b = k * window, min(latents, (k + 1) * window)
+            parts = [decode_chunk(vae, cache, lat[:, :, :1], True)] if k == 0 else []  # the reference prime
+            parts += [decode_chunk(vae, cache, lat[:, :, 1 + j:1 + min(b, j + fpb)], False) for j in range(a, b, fpb)]
+            recon = torch.cat(parts, dim=2)
+            f0 = 0 if k == 0 else 1 + 4 * a
+            target = _to_video(np.ascontiguousarray(pool["frames"][idx, f0:1 + 4 * b]), device)
+            loss = _frame_loss(recon, target, w, prev, args.decoder_temporal, args.decoder_colour)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            for grp in opt.param_groups:
+                grp["lr"] = args.decoder_lr * min(1.0, (step + 1) / 50) * (
+                    0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * budget.progress(step))))
+            opt.step()
+            step += 1
+            detach_cache(cache)
+            prev = (recon[:, :, -1:].detach(), target[:, :, -1:])
+            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            if step % 20 == 0:
+                log(f"decoder step {step} loss {ema:.4f} ({time.time() - t0:.0f} s)")
+            if budget.done(step):
+                break
+        if time.time() - last_save > args.save_every:
+            _save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+            last_save = time.time()
+    vae.eval().requires_grad_(False)
+    _save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "done": True}, ckpt)
+    eval_decoder(vae, val, log, "after")
+    log(f"decoder: done at step {step}")
+
+
 # ----- stage 2: data -----------------------------------------------------------------------------------------
 def _worker_pool(args):
     import multiprocessing as mp
@@ -340,7 +589,7 @@ def make_data(stack, args, log) -> dict:
     frames = FRAMES_PER_BLOCK * args.blocks
     pool = _worker_pool(args)
     lat, feats, char_idx, opens = [], [], [], []
-    rng = np.random.default_rng(args.seed + 11)
+    rng = np.random.default_rng(args.data_seed + 11)
     t0 = time.time()
     chunk = 64
     for start in range(0, args.clips, chunk):
@@ -365,16 +614,80 @@ def make_data(stack, args, log) -> dict:
     refs, motions = [], []
     dit_cfg = stack.dit.config
     for ch in chars:
-        pixels = _to_video(np.asarray(syn.reference_image(ch))[None, None], device)
+        pixels = _to_video(np.array(syn.reference_image(ch))[None, None], device)
         refs.append(encode_video(stack.vae, pixels)[0].cpu())
         motions.append(encode_video(stack.vae, pixels.expand(-1, -1, dit_cfg.motion_frames, -1, -1))[0].cpu())
     data = {"latents": torch.cat(lat), "features": torch.stack(feats), "char": torch.tensor(char_idx),
             "openness": torch.stack(opens), "ref": torch.stack(refs), "motion": torch.stack(motions)}
-    torch.save(data, path)
+    _save(data, path)
     return data
 
 
 # ----- stage 3: DiT -------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_clips(dit: CausalS2VDiT, sched, sink, glob: torch.Tensor, local: torch.Tensor, text_kv,
+                 noise: torch.Tensor, block0: int = 0, steps: int | None = None) -> list[torch.Tensor]:
+    """The engine's sampler over whole clips: every block runs step ``i`` attending to the step-``i`` states of
+    the blocks before it — what the step-``i`` KV ring holds at inference — so all blocks advance together.
+    Returns the states before each step and the result: ``[x_0 = noise, x_1, …, x_steps]``."""
+    b = noise.shape[0]
+    x, states = noise, [noise]
+    for i in range(sched.steps if steps is None else steps):
+        t = sched.timesteps[i].to(noise.device).expand(b)
+        x = sched.euler_step(x, clip_velocity(dit, sink, x, t, glob, local, text_kv, block0), i)
+        states.append(x)
+    return states
+
+
+def _slice_kv(kv: list[tuple], n: int, detach: bool = False) -> list[tuple]:
+    return [tuple((t[:n].detach() if detach else t[:n]) for t in layer) for layer in kv]
+
+
+def rollout_loss(dit: CausalS2VDiT, sched, x0: torch.Tensor, sink, glob, local, text_kv, mouth: torch.Tensor,
+                 block0: int, generator: torch.Generator) -> torch.Tensor:
+    """The mouth on the model's own sampling trajectory. From fresh noise, run the first ``i ∈ {1, 2}`` steps of
+    the sampler (no grad, as inference does), then ask step ``i`` for a prediction ``x̂0 = x_i − σ_i·v`` whose mouth
+    cells (``mouth`` = 1) match the data's. Flow matching alone only ever sees ``x0·(1−σ) + σ·noise``; at inference
+    step ``i`` starts where the model's own earlier steps left it (exposure bias), which is where the tiny model
+    lost the mouth (closed for the first second of a stream, openings too small). Only the mouth is judged:
+    it follows the audio, while blinks and sway (free in the data) would be averaged away by this regression."""
+    b = x0.shape[0]
+    sink_d, text_d = _slice_kv(sink, b, True), _slice_kv(text_kv, b, True)
+    noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    i = torch.randint(1, min(3, sched.steps), (b,), device=x0.device, generator=generator)
+    states = sample_clips(dit, sched, sink_d, glob.detach(), local.detach(), text_d, noise, block0, int(i.max()))
+    xt = torch.stack(states)[i, torch.arange(b, device=x0.device)]
+    v = clip_velocity(dit, _slice_kv(sink, b), xt, sched.timesteps.to(x0.device)[i], glob, local,
+                      _slice_kv(text_kv, b), block0)
+    x0_hat = xt - sched.sigmas.to(x0.device)[i].view(-1, 1, 1, 1, 1) * v
+    m = mouth.expand_as(x0)
+    return ((x0_hat - x0).pow(2) * m).sum() / m.sum().clamp_min(1.0)
+
+
+@torch.no_grad()
+def eval_dit(dit, sched, data: dict, val_idx: torch.Tensor, text, mouth_map, log, tag: str) -> dict:
+    """Sample the held-out clips (block 0 at stream start, fixed noise) and compare with the data: mouth-cell MSE,
+    the spread of the mouth cells (generated / data: under 1 means timid openings) and, per latent frame, the
+    correlation of the mouth's distance from the closed-mouth reference latent (a proxy for openness)."""
+    device = next(dit.parameters()).device
+    x0 = data["latents"][val_idx].to(device).float()
+    ci = data["char"][val_idx].to(device)
+    feats = data["features"][val_idx].to(device).float()
+    text_kv = dit.text_kv(text.expand(len(val_idx), -1, -1))
+    sink = sink_kv(dit, data["ref"].to(device)[ci], data["motion"].to(device)[ci], text_kv)
+    glob, local = encode_audio_blocks(dit, feats)
+    g = torch.Generator(device=device).manual_seed(1234)
+    out = sample_clips(dit, sched, sink, glob, local, text_kv, torch.randn(x0.shape, device=device, generator=g))[-1]
+    m = mouth_map[ci].expand_as(x0)
+    mse = float(((out - x0).pow(2) * m).sum() / m.sum())
+    spread = float((out * m).std() / (x0 * m).std())
+    ref = data["ref"].to(device)[ci].float()
+    dist = lambda x: ((x - ref).abs() * m).sum(dim=(1, 3, 4)).flatten()  # noqa: E731
+    r = float(torch.corrcoef(torch.stack([dist(out), dist(x0)]))[0, 1])
+    log(f"dit eval {tag}: mouth mse {mse:.3f}, mouth spread {spread:.2f} (data 1), mouth-motion r {r:.3f}")
+    return {"mse": mse, "spread": spread, "r": r}
+
+
 def train_dit(stack, data: dict, args, log) -> None:
     device = next(stack.dit.parameters()).device
     dit, sched = stack.dit, stack.schedule
@@ -401,17 +714,28 @@ def train_dit(stack, data: dict, args, log) -> None:
     # the mouth is a few percent of the frame but all of the audio's effect: weight its latent cells up
     chars_all = _characters(args.seed, args.extra_characters)
     lh, lw = latents.shape[-2:]
-    weight_map = torch.ones(len(chars_all), 1, 1, lh, lw, device=device)
+    mouth_map = torch.zeros(len(chars_all), 1, 1, lh, lw, device=device)
     for n, ch in enumerate(chars_all):
         x0, y0, x1, y1 = ch.mouth_box()
-        weight_map[n, :, :, y0 // 8: -(-y1 // 8), x0 // 8: -(-x1 // 8)] = args.mouth_weight
+        mouth_map[n, :, :, y0 // 8: -(-y1 // 8), x0 // 8: -(-x1 // 8)] = 1.0
+    weight_map = 1.0 + (args.mouth_weight - 1.0) * mouth_map
+    # the last clips are held out for eval_dit (all clips when there are too few to spare)
+    n_val = min(args.val_clips, latents.shape[0] // 4)
+    n_train = latents.shape[0] - n_val
+    val_idx = torch.arange(n_train, latents.shape[0])
+    if n_val:
+        eval_dit(dit, sched, data, val_idx, text, mouth_map, log, f"at step {step}")
     dit.train()
     last_save, t0 = time.time(), time.time()
-    ema = None
-    budget = _Budget(args.dit_minutes, args.dit_steps, step)
+    ema = ema_roll = None
+    budget = _Budget(args.dit_minutes, args.dit_steps, step, args.deadline)
+
+    def save() -> None:
+        _save({"dit": dit.state_dict(), "opt": opt.state_dict(), "step": step, "loss": ema}, ckpt)
+
     while not budget.done(step):
-        g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
-        idx = torch.randint(0, latents.shape[0], (args.dit_batch,), device=device, generator=g)
+        g = torch.Generator(device=device).manual_seed(args.data_seed * 1_000_003 + step)
+        idx = torch.randint(0, n_train, (args.dit_batch,), device=device, generator=g)
         x0 = latents[idx].float()
         i = torch.randint(0, sched.steps, (args.dit_batch,), device=device, generator=g)
         noise = torch.randn(x0.shape, device=device, generator=g)
@@ -426,8 +750,15 @@ def train_dit(stack, data: dict, args, log) -> None:
         v = clip_velocity(dit, sink, xt, timesteps[i], glob, local, text_kv, block0)
         wmap = weight_map[ci]
         loss = ((v - (noise - x0)).pow(2) * wmap).mean() / wmap.mean()
+        total = loss
+        if args.rollout_weight > 0 and args.rollout_batch > 0:
+            rb = min(args.rollout_batch, args.dit_batch)
+            roll = rollout_loss(dit, sched, x0[:rb], sink, glob[:rb], local[:rb], text_kv, mouth_map[ci[:rb]],
+                                block0, g)
+            total = loss + args.rollout_weight * roll
+            ema_roll = roll.item() if ema_roll is None else 0.98 * ema_roll + 0.02 * roll.item()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for grp in opt.param_groups:
             grp["lr"] = args.dit_lr * min(1.0, (step + 1) / 300) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * budget.progress(step))))
@@ -435,13 +766,18 @@ def train_dit(stack, data: dict, args, log) -> None:
         step += 1
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 50 == 0:
-            log(f"dit step {step} loss {ema:.4f} ({time.time() - t0:.0f} s)")
+            log(f"dit step {step} loss {ema:.4f}" + (f" rollout {ema_roll:.4f}" if ema_roll is not None else "")
+                + f" ({time.time() - t0:.0f} s)")
         if time.time() - last_save > args.save_every:
-            torch.save({"dit": dit.state_dict(), "opt": opt.state_dict(), "step": step, "loss": ema}, ckpt)
+            save()
+            if n_val:
+                eval_dit(dit, sched, data, val_idx, text, mouth_map, log, f"at step {step}")
             last_save = time.time()
-    torch.save({"dit": dit.state_dict(), "opt": opt.state_dict(), "step": step, "loss": ema}, ckpt)
+    save()
     log(f"dit: stopped at step {step}, loss {ema}")
     dit.eval().requires_grad_(False)
+    if n_val:
+        eval_dit(dit, sched, data, val_idx, text, mouth_map, log, f"at step {step}")
 
 
 # ----- command ------------------------------------------------------------------------------------------------
@@ -458,10 +794,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="profile whose model sizes to train (default tiny)")
     p.add_argument("--work", type=Path, default=Path("artifacts/train-tiny"), help="checkpoints and data")
     p.add_argument("--out", type=Path, default=None, help="weights file (default: the profile's weights path)")
-    p.add_argument("--stage", choices=["speech", "vae", "data", "dit", "decoder", "all"], default="all",
-                   help="'decoder': after the others, fine-tune the VAE decoder on long clips (latent space kept)")
+    p.add_argument("--stage", choices=["speech", "vae", "data", "dit", "decoder", "export", "all"], default="all",
+                   help="'decoder': after the others, fine-tune the VAE decoder on long streams decoded block by "
+                   "block (latent space kept); 'export': only write the weights file from --work / --init-from")
+    p.add_argument("--log-name", default="train.log", help="log file in --work (stages run side by side need two)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=None, help="seed of the generated clips/streams and of batch "
+                   "sampling (default --seed); a new value gives a resumed run fresh data")
+    p.add_argument("--deadline", type=float, default=None, help="Unix time by which every stage stops (its LR "
+                   "schedule anneals to it), whatever the --*-minutes say")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--speech", type=Path, default=None, help="speech bank .npz (default WORK/speech.npz)")
@@ -471,13 +813,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-latents", type=int, default=2, help="clip length 1 + 4k frames")
     p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--decoder-latents", type=int, default=8, help="decoder stage: clip length 1 + 4k frames")
-    p.add_argument("--decoder-minutes", type=float, default=None)
     p.add_argument("--vae-crop", type=int, default=syn.SIZE, help="train the VAE on square crops of this size")
+    p.add_argument("--decoder-latents", type=int, default=60,
+                   help="decoder stage: stream length in latents after the reference (4 frames each)")
+    p.add_argument("--decoder-streams", type=int, default=64, help="decoder stage: streams rendered for training")
+    p.add_argument("--decoder-batch", type=int, default=4)
+    p.add_argument("--decoder-tbptt", type=int, default=2, help="blocks of 3 latents per backprop window")
+    p.add_argument("--decoder-noise", type=float, default=0.3, help="largest σ of the noise added to latents")
+    p.add_argument("--decoder-lr", type=float, default=2e-4, help="peak LR (1e-3 wrecked the decoder in a CPU trial)")
+    p.add_argument("--decoder-steps", type=int, default=100000, help="optimizer steps (windows) at most")
+    p.add_argument("--decoder-minutes", type=float, default=None)
+    p.add_argument("--decoder-mouth-weight", type=float, default=4.0)
+    p.add_argument("--decoder-temporal", type=float, default=1.0, help="weight of the frame-difference loss")
+    p.add_argument("--decoder-colour", type=float, default=1.0, help="weight of the 8x8-mean colour loss")
+    p.add_argument("--decoder-val-latents", type=int, default=36, help="held-out streams' length for the eval")
+    p.add_argument("--decoder-val-streams", type=int, default=len(syn.BUILTIN),
+                   help="held-out streams (one per built-in character in turn)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--init-from", type=Path, default=None, help="folder with vae.pt / dit.pt to start from "
-                   "(weights only: fine-tuning with new settings)")
+    p.add_argument("--init-from", type=Path, default=None, help="folder with vae.pt / dit.pt (/ decoder.pt for the "
+                   "decoder and export stages) to start from (weights only: fine-tuning with new settings)")
     p.add_argument("--mouth-weight", type=float, default=8.0, help="flow-matching loss weight in the mouth box")
+    p.add_argument("--rollout-weight", type=float, default=1.0,
+                   help="weight of the mouth loss on the model's own sampling trajectory (0: off)")
+    p.add_argument("--rollout-batch", type=int, default=4, help="clips of each DiT batch that also get it")
+    p.add_argument("--val-clips", type=int, default=8, help="DiT clips held out for the periodic eval")
     p.add_argument("--clips", type=int, default=2048)
     p.add_argument("--blocks", type=int, default=6)
     p.add_argument("--dit-steps", type=int, default=4000)
@@ -495,7 +854,9 @@ def main(args: argparse.Namespace) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     args.speech = args.speech or work / "speech.npz"
-    logf = open(work / "train.log", "a")
+    if args.data_seed is None:
+        args.data_seed = args.seed
+    logf = open(work / args.log_name, "a")
 
     def log(msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
@@ -514,29 +875,40 @@ def main(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # the decoder stage's 3-D convs: a few fixed shapes, few channels
     stack = build_stack(settings, device)
+
+    def load(name: str, module, folder: Path, key: str | None = None) -> bool:
+        path = folder / f"{name}.pt"
+        if path.exists():
+            module.load_state_dict(torch.load(path, map_location=device)[key or name])
+            log(f"{name}: weights from {path}")
+        return path.exists()
+
     if args.init_from is not None:
-        for name, module in (("vae", stack.vae), ("dit", stack.dit)):
-            if (args.init_from / f"{name}.pt").exists() and not (work / f"{name}.pt").exists():
-                module.load_state_dict(torch.load(args.init_from / f"{name}.pt", map_location=device)[name])
-                log(f"{name}: initialised from {args.init_from / f'{name}.pt'}")
-    vae_ckpt = work / "vae.pt"
+        # weights only, where --work has none of its own (a resumed stage loads its own checkpoint below)
+        if not (work / "vae.pt").exists():
+            load("vae", stack.vae, args.init_from)
+        if not (work / "dit.pt").exists():
+            load("dit", stack.dit, args.init_from)
     if args.stage in ("vae", "all"):
         train_vae(stack, args, log)
-    elif vae_ckpt.exists():
-        stack.vae.load_state_dict(torch.load(vae_ckpt, map_location=device)["vae"])
+    else:
+        load("vae", stack.vae, work)
+    if args.stage in ("decoder", "export"):
+        if args.init_from is not None and not (work / "decoder.pt").exists():
+            load("decoder", stack.vae, args.init_from, "vae")  # a decoder stage's result: the same encoder
+        load("dit", stack.dit, work)
     if args.stage == "decoder":
-        if (work / "dit.pt").exists():
-            stack.dit.load_state_dict(torch.load(work / "dit.pt", map_location=device)["dit"])
-        if (work / "decoder.pt").exists():
-            stack.vae.load_state_dict(torch.load(work / "decoder.pt", map_location=device)["vae"])
-        train_vae(stack, args, log, decoder_only=True)
+        train_decoder(stack, args, log)  # resumes from work/decoder.pt
+    if args.stage == "export":
+        load("decoder", stack.vae, work, "vae")
     if args.stage in ("data", "dit", "all"):
         data = make_data(stack, args, log)
         if args.stage in ("dit", "all"):
             train_dit(stack, data, args, log)
-        elif (work / "dit.pt").exists():
-            stack.dit.load_state_dict(torch.load(work / "dit.pt", map_location=device)["dit"])
+        else:
+            load("dit", stack.dit, work)
     save_weights(Path(out), stack)
     log(f"wrote {out}")
     return 0
