@@ -52,6 +52,11 @@ def _grad_mode(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _cpu_fp32(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a float32 CPU tensor, the only kind the oneDNN paths here take."""
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
 def _pairs(channels: int, frames: int) -> bool:
     """Whether activations of this width and length are kept as paired frames (see the module doc)."""
     return 2 * channels <= _LANES and frames % 2 == 0 and frames > 0
@@ -118,7 +123,7 @@ class StackedCausalConv3d(WanCausalConv3d):
     """``WanCausalConv3d`` run by oneDNN on channels-last input; returns channels-last output (same values)."""
 
     def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-        if self.groups != 1 or x.dtype != self.weight.dtype:
+        if self.groups != 1 or not _cpu_fp32(x) or not _cpu_fp32(self.weight):
             return super().forward(x, cache_x)
         time_pad = self._padding[4]
         x = x.contiguous(memory_format=_NDHWC)
@@ -197,7 +202,7 @@ class FastRMSNorm(WanRMS_norm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.channel_first or x.dtype != torch.float32:
+        if not self.channel_first or not _cpu_fp32(x):
             return super().forward(x)
         if _grad_mode(x, self.gamma):
             gain = self.scale * self.gamma
@@ -242,7 +247,12 @@ class FastRMSNorm(WanRMS_norm):
 
 def _fast_norm_act_conv(norm: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
     """Whether ``conv(act(norm(x)))`` can take the fused path (patched modules, SiLU)."""
-    return type(norm) is FastRMSNorm and type(conv) is StackedCausalConv3d and isinstance(act, nn.SiLU)
+    return (
+        type(norm) is FastRMSNorm
+        and type(conv) is StackedCausalConv3d
+        and isinstance(act, nn.SiLU)
+        and _cpu_fp32(conv.weight)
+    )
 
 
 class FastResidualBlock(WanResidualBlock):
@@ -258,7 +268,7 @@ class FastResidualBlock(WanResidualBlock):
         )
 
     def forward(self, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list[int] = [0]) -> torch.Tensor:
-        if feat_cache is None or x.dtype != torch.float32 or _grad_mode(x, self.conv1.weight) or not self.fused():
+        if feat_cache is None or not _cpu_fp32(x) or _grad_mode(x, self.conv1.weight) or not self.fused():
             return super().forward(_unpair(x), feat_cache, feat_idx)
         if x.dim() == 6 and not (isinstance(self.conv_shortcut, nn.Identity) and self.conv1.pairs_frames()
                                  and self.conv2.pairs_frames()):
@@ -280,7 +290,7 @@ class FastResample(WanResample):
                 paired_out: bool = False) -> torch.Tensor:
         conv = self.resample[1] if self.mode in ("upsample2d", "upsample3d") else None
         x = _unpair(x)
-        if conv is None or x.dtype != torch.float32 or _grad_mode(x, conv.weight):
+        if conv is None or not _cpu_fp32(x) or not _cpu_fp32(conv.weight) or _grad_mode(x, conv.weight):
             return super().forward(x, feat_cache, feat_idx)
         b, c, t, h, w = x.shape
         if self.mode == "upsample3d" and feat_cache is not None:
@@ -343,7 +353,7 @@ class FastDecoder3d(WanDecoder3d):
 
     def forward(self, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list[int] = [0],
                 first_chunk: bool = False) -> torch.Tensor:
-        if feat_cache is None or x.dtype != torch.float32 or _grad_mode(x, self.conv_out.weight) or not self.fused():
+        if feat_cache is None or not _cpu_fp32(x) or _grad_mode(x, self.conv_out.weight) or not self.fused():
             return super().forward(x, feat_cache, feat_idx, first_chunk)
         idx = feat_idx[0]
         feat_idx[0] += 1

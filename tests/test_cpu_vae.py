@@ -120,3 +120,12 @@ def test_fast_rms_norm_equals_wan_rms_norm_in_every_layout(layout, bias):
         fast.normalize_into(x, out)
         assert (fast(x) - expected).abs().max().item() <= 1e-5
     assert (out - expected).abs().max().item() <= 1e-5
+
+
+def test_non_float32_vae_falls_back_to_diffusers(plain_vae):
+    plain = copy.deepcopy(plain_vae).to(torch.bfloat16)
+    fast = speed_up_vae_(copy.deepcopy(plain))
+    latents = _latents(4, size=2).to(torch.bfloat16)
+    expected = torch.cat([StreamingVAEDecoder(plain).decode(c) for c in latents.split([1, 3], dim=2)], dim=2)
+    streamed = torch.cat([StreamingVAEDecoder(fast).decode(c) for c in latents.split([1, 3], dim=2)], dim=2)
+    assert torch.equal(streamed, expected)
