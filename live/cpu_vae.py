@@ -305,12 +305,16 @@ class FastResample(WanResample):
         weight, bias = _derived(conv, "phases", lambda: self._phase_weights(conv))
         out = torch.ops.aten.mkldnn_convolution(frames, weight, bias, (1, 1), (1, 1), (1, 1), 1)
         co = conv.out_channels
-        # [b·t, 4co, h, w] channels-last = [b, t, h, w, py, px, co] in memory; shuffle whole pixels
-        out = _pixels(out.permute(0, 2, 3, 1).unflatten(-1, (4, co))).view(b, t, h, w, 2, 2, -1)
-        if paired_out and _pairs(co, t):  # → [b, t/2, h, py, w, px, 2, co]
-            out = out.unflatten(1, (t // 2, 2)).permute(0, 1, 3, 5, 4, 6, 2, 7).contiguous().view(x.dtype)
-            return out.view(b, t // 2, 2 * h, 2 * w, 2, co).permute(0, 5, 1, 4, 2, 3)
-        out = out.permute(0, 1, 2, 4, 3, 5, 6).contiguous().view(x.dtype)  # → [b, t, h, py, w, px, co]
+        # [b·t, 4co, h, w] channels-last = [b, t, h, w, px, py, co] in memory → [b, t, h, py, w, px, co], moving
+        # whole pixels; with px next to w, each (w, px) row is one long strided run
+        src = _pixels(out.permute(0, 2, 3, 1).unflatten(-1, (4, co))).view(b, t, h, w, 2, 2, -1)
+        if paired_out and _pairs(co, t):  # → [b, t/2, h, py, w, px, 2, co], one copy per frame of a pair
+            src = src.unflatten(1, (t // 2, 2))
+            out = src.new_empty((b, t // 2, h, 2, w, 2, 2, src.shape[-1]))
+            for p in range(2):
+                out[:, :, :, :, :, :, p].copy_(src[:, :, p].permute(0, 1, 2, 5, 3, 4, 6))
+            return out.view(x.dtype).view(b, t // 2, 2 * h, 2 * w, 2, co).permute(0, 5, 1, 4, 2, 3)
+        out = src.permute(0, 1, 2, 5, 3, 4, 6).contiguous().view(x.dtype)
         return out.view(b, t, 2 * h, 2 * w, co).permute(0, 4, 1, 2, 3)
 
     def _upsample_time(self, x: torch.Tensor, feat_cache: list, idx: int) -> torch.Tensor:
@@ -330,9 +334,9 @@ class FastResample(WanResample):
 
     @staticmethod
     def _phase_weights(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
-        """The 3×3 conv over the low-resolution frame whose ``4·out`` channels are the sub-pixel phases (py, px)."""
+        """The 3×3 conv over the low-resolution frame whose ``4·out`` channels are the sub-pixel phases (px, py)."""
         taps = _PHASE_TAPS.to(conv.weight)
-        weight = torch.einsum("prd,qse,oide->pqoirs", taps, taps, conv.weight)
+        weight = torch.einsum("prd,qse,oide->qpoirs", taps, taps, conv.weight)
         weight = weight.reshape(4 * conv.out_channels, conv.in_channels, 3, 3)
         return weight.contiguous(memory_format=torch.channels_last), conv.bias.repeat(4)
 
