@@ -19,7 +19,8 @@ decode the activations stay channels-last from conv to conv:
   element, which PyTorch copies far faster than runs of 4 floats.
 
 The modules stay diffusers modules with the same parameters (state dict unchanged); only their forwards change.
-With autograd recording, or without a decoder cache (the encoder's path), they fall back to diffusers' maths.
+With autograd recording, or for tensors that are not float32 on the CPU, they fall back to diffusers' maths (the
+causal convs keep oneDNN under autograd: it is differentiable); the encoder's downsampling is diffusers' own.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def _derived(module: nn.Module, name: str, build: Callable[[], Any]) -> Any:
     return kept[name][1]
 
 
-class StackedCausalConv3d(WanCausalConv3d):
+class FastCausalConv3d(WanCausalConv3d):
     """``WanCausalConv3d`` run by oneDNN on channels-last input; returns channels-last output (same values)."""
 
     def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
@@ -249,7 +250,7 @@ def _fast_norm_act_conv(norm: nn.Module, act: nn.Module, conv: nn.Module) -> boo
     """Whether ``conv(act(norm(x)))`` can take the fused path (patched modules, SiLU)."""
     return (
         type(norm) is FastRMSNorm
-        and type(conv) is StackedCausalConv3d
+        and type(conv) is FastCausalConv3d
         and isinstance(act, nn.SiLU)
         and _cpu_fp32(conv.weight)
     )
@@ -349,7 +350,7 @@ class FastDecoder3d(WanDecoder3d):
         """Whether every block is one of the patched ones (else diffusers' forward runs)."""
         return (
             _fast_norm_act_conv(self.norm_out, self.nonlinearity, self.conv_out)
-            and type(self.conv_in) is StackedCausalConv3d
+            and type(self.conv_in) is FastCausalConv3d
             and all(type(block) is WanUpBlock for block in self.up_blocks)
             and all(type(r) is FastResidualBlock and r.fused() for b in self.up_blocks for r in b.resnets)
             and all(type(u) is FastResample for b in self.up_blocks for u in (b.upsamplers or []))
@@ -380,7 +381,7 @@ class FastDecoder3d(WanDecoder3d):
 
 
 _SWAPS: dict[type, type] = {
-    WanCausalConv3d: StackedCausalConv3d,
+    WanCausalConv3d: FastCausalConv3d,
     WanRMS_norm: FastRMSNorm,
     WanResample: FastResample,
     WanResidualBlock: FastResidualBlock,
