@@ -129,3 +129,12 @@ def test_non_float32_vae_falls_back_to_diffusers(plain_vae):
     expected = torch.cat([StreamingVAEDecoder(plain).decode(c) for c in latents.split([1, 3], dim=2)], dim=2)
     streamed = torch.cat([StreamingVAEDecoder(fast).decode(c) for c in latents.split([1, 3], dim=2)], dim=2)
     assert torch.equal(streamed, expected)
+
+
+def test_batch_of_two_streams_matches_diffusers(plain_vae, fast_vae):
+    latents = torch.cat([_latents(4, seed=6, size=4), _latents(4, seed=7, size=4)])
+    with torch.no_grad():
+        reference = plain_vae.decode(denormalize_latents(plain_vae, latents)).sample.clamp(-1, 1)
+    decoder = StreamingVAEDecoder(fast_vae)
+    streamed = torch.cat([decoder.decode(chunk) for chunk in latents.split([1, 3], dim=2)], dim=2)
+    assert (streamed - reference).abs().max().item() <= TOL
