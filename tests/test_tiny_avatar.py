@@ -67,8 +67,9 @@ def test_shipped_checkpoint_is_small_and_loads_strictly(stack):
     assert stack.settings.video.size_area == "192*192"
 
 
-@pytest.mark.xfail(reason="acceptance target r >= 0.5 not met yet: the shipped checkpoint measures r = 0.39 "
-                   "(undertrained DiT, ~5k GPU steps); kept as the target", strict=False)
+@pytest.mark.xfail(reason="acceptance target r >= 0.5 not met on this clip: the shipped checkpoint measures r = 0.46 "
+                   "(0.77 from its third second on: the first ~1 s of a stream keeps the mouth shut; other held-out "
+                   "clips give 0.53-0.63); kept as the target", strict=False)
 def test_mouth_opening_follows_the_speech_envelope(talking):
     pcm, frames = talking
     level = 10 ** (syn.frame_energy_db(pcm, len(frames)) / 20)
@@ -93,8 +94,6 @@ def test_mouth_stays_closed_in_silence_while_idle_motion_goes_on(talking):
     assert motion.min() > 0.05  # something moves within every 12 silent frames
 
 
-@pytest.mark.xfail(reason="shipped checkpoint: boundary p95 6.4 vs within-block p95 5.7 (the VAE decoder still "
-                   "drifts over long streams, so block starts jump slightly); kept as the target", strict=False)
 def test_no_seams_at_block_boundaries(talking):
     _, frames = talking
     diffs = np.abs(np.diff(frames.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))
@@ -106,9 +105,7 @@ def test_no_seams_at_block_boundaries(talking):
     assert p_b <= p_w
 
 
-@pytest.mark.parametrize("ch", [pytest.param(c, marks=pytest.mark.xfail(
-    reason="shipped checkpoint renders cleo's purple shirt pinkish (G +30)", strict=False)) if c.name == "cleo" else c
-    for c in syn.BUILTIN], ids=lambda c: c.name)
+@pytest.mark.parametrize("ch", syn.BUILTIN, ids=lambda c: c.name)
 def test_identity_colours_match_the_reference(stack, ch):
     pcm = np.zeros(syn.SAMPLE_RATE * 2 // 5, np.float32)
     frames = _render(stack, ch, pcm).astype(np.float32)
