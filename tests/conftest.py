@@ -93,3 +93,17 @@ def nginx_rtmp(tmp_path):
         yield server
     finally:
         server.kill()
+
+
+def random_stream_inputs(dit, blocks: int, size: int = 8, seed: int = 0) -> tuple:
+    """Seeded random (reference latent, 19 motion latents, per-block audio features, noisy latents of ``blocks``
+    blocks) for ``dit`` at a ``size`` × ``size`` latent: the inputs of the streaming-vs-training equality tests."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    c = dit.config
+    ref = torch.randn(1, 16, 1, size, size, generator=g)
+    motion = torch.randn(1, 16, 19, size, size, generator=g)
+    feats = torch.randn(1, blocks, c.num_audio_layers, c.audio_dim, 12, generator=g)
+    latents = torch.randn(1, 16, blocks * c.frames_per_block, size, size, generator=g)
+    return ref, motion, feats, latents

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from live import synthetic as syn
+from tests.conftest import random_stream_inputs
 
 ASSETS = Path(__file__).parent / "assets"
 SPEECH = ASSETS / "heldout_speech.wav"
@@ -130,11 +131,8 @@ def test_training_forward_equals_streaming_inference(stack):
     from live.train_tiny import clip_velocity, encode_audio_blocks, sink_kv
 
     dit = stack.dit
-    g = torch.Generator().manual_seed(0)
     h = w = 8
-    ref, motion = torch.randn(1, 16, 1, h, w, generator=g), torch.randn(1, 16, 19, h, w, generator=g)
-    feats = torch.randn(1, 6, dit.config.num_audio_layers, dit.config.audio_dim, 12, generator=g)
-    noisy = torch.randn(1, 16, 18, h, w, generator=g)
+    ref, motion, feats, noisy = random_stream_inputs(dit, 6, h)
     text_kv = dit.text_kv(stack.text_encoder.encode("hello"))
     for step in (0, 2):
         t = stack.schedule.timesteps[step].expand(1)

@@ -15,6 +15,7 @@ import torch
 from live import train_tiny as tt
 from model.config import VAEConfig
 from model.vae import StreamingVAEDecoder, build_vae
+from tests.conftest import random_stream_inputs
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +93,8 @@ def test_clip_sampler_is_the_engines_block_by_block_sampling(tiny_stack):
     trains on the trajectories inference takes."""
     stack = tiny_stack
     dit, sched = stack.dit, stack.schedule
-    g = torch.Generator().manual_seed(0)
     h = w = 8
-    ref, motion = torch.randn(1, 16, 1, h, w, generator=g), torch.randn(1, 16, 19, h, w, generator=g)
-    feats = torch.randn(1, 3, dit.config.num_audio_layers, dit.config.audio_dim, 12, generator=g)
-    noise = torch.randn(1, 16, 9, h, w, generator=g)
+    ref, motion, feats, noise = random_stream_inputs(dit, 3, h)
     text_kv = dit.text_kv(stack.text_encoder.encode(""))
     caches = dit.new_caches(sched.steps, h, w)
     dit.prefill_sink(caches, ref, motion, text_kv)

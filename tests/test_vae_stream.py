@@ -66,12 +66,9 @@ def test_streamed_decode_matches_one_shot_decode(vae, one_shot_reference, split)
     assert (streamed.abs() < 1.0).any(), "output fully clamped: the comparison would prove nothing"
 
 
-def test_a_chunk_is_one_decoder_call_and_equals_decoding_latent_by_latent(vae, monkeypatch):
-    """After a stream's first latent (decoded alone, as diffusers does), each chunk is one call of the VAE's
-    decoder over all its latents — and gives what one call per latent gives."""
-    latents = _latents(7)
-    per_latent = torch.cat(_stream(StreamingVAEDecoder(vae), latents, [1] * 7), dim=2)
-    calls = []
+def _count_decoder_calls(vae, monkeypatch) -> list[int]:
+    """From now on, each call of ``vae.decoder`` appends the number of latent frames it got to the returned list."""
+    calls: list[int] = []
     forward = vae.decoder.forward
 
     def spy(x, *args, **kwargs):
@@ -79,6 +76,15 @@ def test_a_chunk_is_one_decoder_call_and_equals_decoding_latent_by_latent(vae, m
         return forward(x, *args, **kwargs)
 
     monkeypatch.setattr(vae.decoder, "forward", spy)
+    return calls
+
+
+def test_a_chunk_is_one_decoder_call_and_equals_decoding_latent_by_latent(vae, monkeypatch):
+    """After a stream's first latent (decoded alone, as diffusers does), each chunk is one call of the VAE's
+    decoder over all its latents — and gives what one call per latent gives."""
+    latents = _latents(7)
+    per_latent = torch.cat(_stream(StreamingVAEDecoder(vae), latents, [1] * 7), dim=2)
+    calls = _count_decoder_calls(vae, monkeypatch)
     chunked = torch.cat(_stream(StreamingVAEDecoder(vae), latents, [4, 3]), dim=2)
     assert calls == [1, 3, 3]
     assert (chunked - per_latent).abs().max().item() <= TOL
@@ -164,14 +170,7 @@ def test_latents_per_call_bounds_each_decoder_call(vae, monkeypatch):
     """``latents_per_call`` splits a chunk into bounded decoder calls (the GPU default is 1), same frames."""
     latents = _latents(7)
     whole = torch.cat(_stream(StreamingVAEDecoder(vae), latents, [4, 3]), dim=2)
-    calls = []
-    forward = vae.decoder.forward
-
-    def spy(x, *args, **kwargs):
-        calls.append(x.shape[2])
-        return forward(x, *args, **kwargs)
-
-    monkeypatch.setattr(vae.decoder, "forward", spy)
+    calls = _count_decoder_calls(vae, monkeypatch)
     bounded = torch.cat(_stream(StreamingVAEDecoder(vae, latents_per_call=2), latents, [4, 3]), dim=2)
     assert calls == [1, 2, 1, 2, 1]
     assert (bounded - whole).abs().max().item() <= TOL
