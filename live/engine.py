@@ -190,7 +190,8 @@ class StreamEngine:
         self.window: AudioWindow | None = None
         self.ring: FrameRing | None = None
         self.width = self.height = 0
-        self.blocks_done = 0
+        self.blocks_started = 0  # blocks taken from the audio window (their frames may still be decoding)
+        self.blocks_done = 0  # blocks whose frames are in the ring
         self.frames_emitted = 0
         self._closed = False
         self._overlap = s.stream.overlap_decode
@@ -293,6 +294,7 @@ class StreamEngine:
             prompt, self._pending_prompt = self._pending_prompt, None
         if block is None:
             return self._finish_decode()
+        self.blocks_started += 1
         if prompt is not None:
             self._text_kv = self._encode_prompt(prompt)
         first_frame = block.index * self.frames_per_block
