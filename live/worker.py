@@ -170,13 +170,17 @@ class EngineWorker:
             self._fail_pending(RuntimeError("engine worker stopped"))
 
     def _warm_up(self, stack: ModelStack) -> float:
-        """Run a few silent blocks: pays one-time costs and measures the block time used to size latency."""
+        """Run a few silent blocks: pays one-time costs and measures the block time used to size latency.
+
+        Audio is fed one block at a time, as a live microphone delivers it, so each timed call generates and
+        decodes one block (no decode overlap, which only happens when a stream is behind)."""
         eng = create_engine(stack, seed=0)
         try:
             eng.start(None, "")
-            eng.push_audio(np.zeros(eng.samples_per_block * (WARMUP_BLOCKS + 1), np.float32))
+            eng.push_audio(np.zeros(eng.lookahead_samples, np.float32))
             times = []
             for _ in range(WARMUP_BLOCKS):
+                eng.push_audio(np.zeros(eng.samples_per_block, np.float32))
                 t0 = time.perf_counter()
                 eng.generate_block()
                 times.append(time.perf_counter() - t0)
