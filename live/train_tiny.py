@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from model.audio_features import FrameAudioFeatures
-from model.dit import NOISY_MASK_ID, REF_MASK_ID, MOTION_MASK_ID, CausalS2VDiT, block_qkv, _dtype
+from model.dit import NOISY_MASK_ID, CausalS2VDiT, _dtype, block_qkv
 from model.rope import apply_rope, grid_positions, rope_cos_sin
 from model.vae import denormalize_latents, encode_video
 
@@ -53,15 +53,7 @@ def sink_kv(dit: CausalS2VDiT, ref_latent: torch.Tensor, motion_latents: torch.T
             text_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per layer (reference K un-roped, sink K roped, sink V) — :meth:`CausalS2VDiT.prefill_sink` without the
     cache writes, differentiable."""
-    c = dit.config
-    ref_tokens, (_, hp, wp) = dit._patchify(dit.patch_embedding, ref_latent)
-    mot_tokens, mot_pos = dit.frame_packer(motion_latents)
-    n_ref = ref_tokens.shape[1]
-    mask = dit.trainable_cond_mask.weight
-    x = torch.cat([ref_tokens + mask[REF_MASK_ID], mot_tokens + mask[MOTION_MASK_ID]], dim=1).float()
-    positions = torch.cat([grid_positions([c.ref_rope_index], hp, wp), mot_pos], dim=0)
-    cos, sin = (t.to(x.device) for t in rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_fp16_factors))
-    _, e0 = dit._time(torch.zeros(x.shape[0], device=x.device))
+    x, n_ref, cos, sin, e0 = dit.sink_inputs(ref_latent, motion_latents)
     out = []
     for layer, blk in enumerate(dit.blocks):
         h = blk.attn_input(x, e0)
@@ -254,13 +246,7 @@ def train_vae(stack, args, log) -> None:
     ckpt = Path(args.work) / "vae.pt"
     params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
-    step = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device)
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        log(f"vae: resumed at step {step}")
+    step = _resume(ckpt, "vae", vae, opt, device, log)
     if state_done(ckpt):
         return
     vae.train().requires_grad_(False)
@@ -307,6 +293,19 @@ def _save(obj, path: Path) -> None:
     tmp = Path(path).with_name(Path(path).name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _resume(ckpt: Path, key: str, module: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
+            log) -> int:
+    """Load ``module`` (saved under ``key``) and the optimiser from ``ckpt`` if it exists; returns the step to
+    continue from (0 for a fresh start)."""
+    if not ckpt.exists():
+        return 0
+    state = torch.load(ckpt, map_location=device)
+    module.load_state_dict(state[key])
+    opt.load_state_dict(state["opt"])
+    log(f"{key}: resumed at step {state['step']}")
+    return state["step"]
 
 
 def state_done(path: Path) -> bool:
@@ -696,13 +695,7 @@ def train_dit(stack, data: dict, args, log) -> None:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
-    step = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device)
-        dit.load_state_dict(state["dit"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        log(f"dit: resumed at step {step}")
+    step = _resume(ckpt, "dit", dit, opt, device, log)
     latents = data["latents"].to(device)
     feats = data["features"].to(device)
     chars = data["char"].to(device)

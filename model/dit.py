@@ -433,22 +433,27 @@ class CausalS2VDiT(nn.Module):
         return max(self.config.ref_rope_index, block_start + self.config.sink_rope_distance)
 
     # ----- sink prefill -------------------------------------------------------------------------------
+    def sink_inputs(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor
+                    ) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sink's tokens before the blocks: (reference + packed motion tokens with their condition masks
+        ``[B, S, dim]`` float32, reference token count, RoPE cos/sin of their positions, t = 0 modulation)."""
+        c = self.config
+        ref_tokens, (_, hp, wp) = self._patchify(self.patch_embedding, ref_latent)
+        mot_tokens, mot_pos = self.frame_packer(motion_latents)
+        mask = self.trainable_cond_mask.weight
+        x = torch.cat([ref_tokens + mask[REF_MASK_ID], mot_tokens + mask[MOTION_MASK_ID]], dim=1).float()
+        positions = torch.cat([grid_positions([c.ref_rope_index], hp, wp), mot_pos], dim=0)
+        cos, sin = (t.to(x.device) for t in rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_fp16_factors))
+        _, e0 = self._time(torch.zeros(x.shape[0], device=x.device))
+        return x, ref_tokens.shape[1], cos, sin, e0
+
     @torch.no_grad()
     def prefill_sink(self, caches: StepCaches, ref_latent: torch.Tensor, motion_latents: torch.Tensor,
                      text_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Run reference + packed motion tokens through all blocks at t = 0 and store their K/V in every
         step's buffer (reference keys un-roped, motion keys roped). Running it again mid-stream replaces the
         sink (Live Avatar's "rolling sink" refresh) and leaves the rings untouched."""
-        c = self.config
-        ref_tokens, (_, hp, wp) = self._patchify(self.patch_embedding, ref_latent)
-        mot_tokens, mot_pos = self.frame_packer(motion_latents)
-        ref_pos = grid_positions([c.ref_rope_index], hp, wp)
-        n_ref = ref_tokens.shape[1]
-        mask = self.trainable_cond_mask.weight
-        x = torch.cat([ref_tokens + mask[REF_MASK_ID], mot_tokens + mask[MOTION_MASK_ID]], dim=1).float()
-        positions = torch.cat([ref_pos, mot_pos], dim=0)
-        cos, sin = (t.to(x.device) for t in rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_fp16_factors))
-        _, e0 = self._time(torch.zeros(x.shape[0], device=x.device))
+        x, n_ref, cos, sin, e0 = self.sink_inputs(ref_latent, motion_latents)
         sink = caches.sink_tokens
         assert x.shape[1] == sink, f"sink token count {x.shape[1]} != allocated {sink}"
         with sdpa_backends(x.device):
