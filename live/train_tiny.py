@@ -269,12 +269,7 @@ def train_vae(stack, args, log) -> None:
         recon = vae.decode(posterior.mode()).sample
         err = (recon - video).abs() * w
         loss = err.mean() / w.mean() + 1e-4 * posterior.mode().pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g in opt.param_groups:
-            g["lr"] = args.vae_lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * budget.progress(step))))
-        opt.step()
+        _optimizer_step(opt, params, loss, args.vae_lr, 200, 0.1, step, budget.progress(step))
         step += 1
         if step % 50 == 0:
             log(f"vae step {step} loss {loss.item():.4f}")
@@ -306,6 +301,19 @@ def _resume(ckpt: Path, key: str, module: torch.nn.Module, opt: torch.optim.Opti
     opt.load_state_dict(state["opt"])
     log(f"{key}: resumed at step {state['step']}")
     return state["step"]
+
+
+def _optimizer_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor, lr: float,
+                    warmup: int, floor: float, step: int, progress: float) -> None:
+    """Backward, clip the gradient norm to 1, set the learning rate (linear warm-up over ``warmup`` steps, then a
+    cosine from ``lr`` to ``floor · lr`` over the budget's ``progress``) and step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    scale = min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    for group in opt.param_groups:
+        group["lr"] = lr * scale
+    opt.step()
 
 
 def state_done(path: Path) -> bool:
@@ -750,12 +758,7 @@ def train_dit(stack, data: dict, args, log) -> None:
                                 block0, g)
             total = loss + args.rollout_weight * roll
             ema_roll = roll.item() if ema_roll is None else 0.98 * ema_roll + 0.02 * roll.item()
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for grp in opt.param_groups:
-            grp["lr"] = args.dit_lr * min(1.0, (step + 1) / 300) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * budget.progress(step))))
-        opt.step()
+        _optimizer_step(opt, params, total, args.dit_lr, 300, 0.05, step, budget.progress(step))
         step += 1
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 50 == 0:
