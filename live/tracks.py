@@ -57,7 +57,31 @@ class _Subscription:
         self._ready.set()
 
 
-class AvatarVideoTrack(MediaStreamTrack):
+class _EncodedTrack(MediaStreamTrack):
+    """A track that sends a shared encoder's packets through its own fan-out subscription."""
+
+    def __init__(self, encoder: SharedVideoEncoder | SharedAudioEncoder) -> None:
+        """Send ``encoder``'s packets (subscribed at the first ``recv``)."""
+        super().__init__()
+        self._encoder = encoder
+        self._sub: _Subscription | None = None
+
+    def stop(self) -> None:
+        """Stop sending and leave the encoder's fan-out."""
+        if self._sub is not None:
+            self._sub.close()
+        super().stop()
+
+
+def _packet(data: bytes, pts: int, time_base) -> av.Packet:
+    """An ``av.Packet`` of ``data`` stamped ``pts`` in ``time_base``."""
+    packet = av.Packet(data)
+    packet.pts = packet.dts = pts
+    packet.time_base = time_base
+    return packet
+
+
+class AvatarVideoTrack(_EncodedTrack):
     """The session's encoded video: the packet of frame ``n`` stamped ``n / fps`` on the session clock (90 kHz).
 
     A new track starts at a keyframe (it asks the encoder for one and skips packets until it comes); a track that
@@ -68,9 +92,7 @@ class AvatarVideoTrack(MediaStreamTrack):
 
     def __init__(self, encoder: SharedVideoEncoder) -> None:
         """Send ``encoder``'s packets."""
-        super().__init__()
-        self._encoder = encoder
-        self._sub: _Subscription | None = None
+        super().__init__(encoder)
         self._need_key = True
 
     async def recv(self) -> av.Packet:
@@ -91,28 +113,13 @@ class AvatarVideoTrack(MediaStreamTrack):
             if self._need_key and not item.keyframe:
                 continue
             self._need_key = False
-            packet = av.Packet(item.data)
-            packet.pts = packet.dts = round(item.n * VIDEO_CLOCK_RATE / self._encoder.fps)
-            packet.time_base = VIDEO_TIME_BASE
-            return packet
-
-    def stop(self) -> None:
-        """Stop sending and leave the encoder's fan-out."""
-        if self._sub is not None:
-            self._sub.close()
-        super().stop()
+            return _packet(item.data, round(item.n * VIDEO_CLOCK_RATE / self._encoder.fps), VIDEO_TIME_BASE)
 
 
-class AvatarAudioTrack(MediaStreamTrack):
+class AvatarAudioTrack(_EncodedTrack):
     """The session's input audio, delayed like the video: one Opus packet per 20 ms chunk of the session clock."""
 
     kind = "audio"
-
-    def __init__(self, encoder: SharedAudioEncoder) -> None:
-        """Send ``encoder``'s Opus packets."""
-        super().__init__()
-        self._encoder = encoder
-        self._sub: _Subscription | None = None
 
     async def recv(self) -> av.Packet:
         """The next 20 ms Opus packet, released at its media time."""
@@ -124,16 +131,7 @@ class AvatarAudioTrack(MediaStreamTrack):
         item: AudioChunk | None = await self._sub.get()
         if item is None:
             raise MediaStreamError
-        packet = av.Packet(item.opus)
-        packet.pts = packet.dts = item.index * OPUS_TICKS_PER_CHUNK
-        packet.time_base = OPUS_TIME_BASE
-        return packet
-
-    def stop(self) -> None:
-        """Stop sending and leave the encoder's fan-out."""
-        if self._sub is not None:
-            self._sub.close()
-        super().stop()
+        return _packet(item.opus, item.index * OPUS_TICKS_PER_CHUNK, OPUS_TIME_BASE)
 
 
 def route_keyframe_requests(transceiver: RTCRtpTransceiver, encoder: SharedVideoEncoder) -> None:
