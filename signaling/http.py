@@ -47,7 +47,12 @@ async def read_sdp(request: web.Request, max_bytes: int) -> str:
     if request.content_type != "application/sdp":
         raise web.HTTPUnsupportedMediaType(
             text=f"send the SDP offer with Content-Type: application/sdp (got {request.content_type or 'none'})")
-    body = await request.content.read(max_bytes + 1)
+    body = b""
+    while len(body) <= max_bytes:  # read() returns what has arrived so far, not the whole body
+        chunk = await request.content.read(max_bytes + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
     if len(body) > max_bytes:
         raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=len(body),
                                             text=f"SDP offer is larger than {max_bytes} bytes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
@@ -47,6 +48,21 @@ async def test_whip_rejects_bad_offers_clearly(server_url, body, content_type, s
     got, _, payload = await _post(server_url + "/whip", body, content_type)
     assert got == status
     assert payload["type"] == "error" and words in payload["message"], payload
+
+
+async def test_whip_reads_an_offer_that_arrives_in_pieces(server_url):
+    """The size check sees the whole body even when it comes in several network reads (chunked, with pauses):
+    an oversized offer is refused as too large, not as a truncated SDP."""
+    async def pieces():
+        yield b"v=0\r\na=x-padding:" + b"x" * 30_000
+        await asyncio.sleep(0.2)
+        yield b"x" * 40_000 + b"\r\n"
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(server_url + "/whip", data=pieces(), headers={"Content-Type": "application/sdp"}) as resp:
+            payload = await resp.json()
+            assert resp.status == 413, payload
+    assert "larger than" in payload["message"]
 
 
 async def test_whip_offer_without_audio_and_unknown_image_are_refused(server_url):
