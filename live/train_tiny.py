@@ -6,19 +6,21 @@ Stages, each resumable from ``--work`` (checkpoints every ``--save-every`` secon
    mouth box weighted up; then the latent statistics are folded into its ``quant_conv`` / ``post_quant_conv`` so
    the normalised latents the DiT sees (``(mu - mean) / std`` with the stock Wan mean/std) have zero mean and
    unit variance per channel.
-2. ``data``: clips of ``blocks`` × 12 frames rendered from composed audio (speech / silence / tones), encoded as
+2. ``audio``: the tiny wav2vec2 learns to hear the mouth (:mod:`live.train_tiny_audio`): with a linear probe head it
+   predicts each frame's ground-truth mouth opening from the engine's own per-frame features.
+3. ``data``: clips of ``blocks`` × 12 frames rendered from composed audio (speech / silence / tones), encoded as
    the engine decodes them (the reference frame first, so the decoder cache is primed by it), with the audio
-   features of every block computed by the engine's own :class:`~model.audio_features.FrameAudioFeatures` over the
-   same windows :class:`~live.audio_window.AudioWindow` hands out.
-3. ``dit``: flow matching, block-causally: per clip one denoising step ``i`` of the 4-step schedule; every block
+   features of every block computed by the engine's own :func:`~model.audio_features.window_features` over the
+   same windows :class:`~live.audio_window.AudioWindow` hands out (a changed wav2vec2 needs a fresh ``data``).
+4. ``dit``: flow matching, block-causally: per clip one denoising step ``i`` of the 4-step schedule; every block
    is noised to ``σ_i`` and attends to the sink and the previous ``kv_cache_frames`` latent frames at the same
    noise level — exactly what the step-``i`` KV ring holds at inference. :func:`clip_velocity` is that forward
    over all blocks at once, built from the DiT's own pieces (see its test for equality with ``forward_block``).
    Plus :func:`rollout_loss`: the mouth judged on the model's own sampling trajectory (:func:`sample_clips`).
-4. ``decoder`` (after the others, encoder frozen): :func:`train_decoder` fine-tunes the VAE decoder on long
+5. ``decoder`` (after the others, encoder frozen): :func:`train_decoder` fine-tunes the VAE decoder on long
    streams decoded block by block as the engine does, the causal cache carried, backprop truncated every few
    blocks — the decoder must stay stable over a whole stream, not only over the first stage's short clips.
-5. ``export``: only writes the weights file from ``--work`` / ``--init-from`` (scripts/device_train_tiny.sh runs
+6. ``export``: only writes the weights file from ``--work`` / ``--init-from`` (scripts/device_train_tiny.sh runs
    ``decoder`` and ``dit`` side by side on one GPU, then this).
 
 The result is one safetensors file with ``dit.`` / ``vae.`` / ``wav2vec2.`` / ``text.`` prefixes that
@@ -37,12 +39,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.audio_features import FrameAudioFeatures
+from model.audio_features import window_features
 from model.dit import NOISY_MASK_ID, CausalS2VDiT, _dtype, block_qkv
 from model.rope import apply_rope, grid_positions, rope_cos_sin
 from model.vae import denormalize_latents, encode_video
 
 from . import synthetic as syn
+from .train_tiny_audio import AudioProbe, block_taps, block_windows, train_audio
+from .train_loop import Budget, optimizer_step, resume, save_state, state_done
 from .settings import Settings, load_settings
 
 FRAMES_PER_BLOCK = 12
@@ -246,7 +250,7 @@ def train_vae(stack, args, log) -> None:
     ckpt = Path(args.work) / "vae.pt"
     params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
-    step = _resume(ckpt, "vae", vae, opt, device, log)
+    step = resume(ckpt, "vae", vae, opt, device, log)
     if state_done(ckpt):
         return
     vae.train().requires_grad_(False)
@@ -255,7 +259,7 @@ def train_vae(stack, args, log) -> None:
     pool = _worker_pool(args)
     last_save = time.time()
     frames = 1 + 4 * args.vae_latents
-    budget = _Budget(args.vae_minutes, args.vae_steps, step, args.deadline)
+    budget = Budget(args.vae_minutes, args.vae_steps, step, args.deadline)
     while not budget.done(step):
         rng = np.random.default_rng([args.seed, 1, step])
         idx = [int(v) for v in rng.integers(0, len(chars), args.vae_batch)]
@@ -269,75 +273,17 @@ def train_vae(stack, args, log) -> None:
         recon = vae.decode(posterior.mode()).sample
         err = (recon - video).abs() * w
         loss = err.mean() / w.mean() + 1e-4 * posterior.mode().pow(2).mean()
-        _optimizer_step(opt, params, loss, args.vae_lr, 200, 0.1, step, budget.progress(step))
+        optimizer_step(opt, params, loss, args.vae_lr, 200, 0.1, step, budget.progress(step))
         step += 1
         if step % 50 == 0:
             log(f"vae step {step} loss {loss.item():.4f}")
         if time.time() - last_save > args.save_every:
-            _save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+            save_state({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
             last_save = time.time()
     vae.eval().requires_grad_(False)
     _fold_latent_stats(stack, chars, args, log)
-    _save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "done": True}, ckpt)
+    save_state({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "done": True}, ckpt)
     log(f"vae: done at step {step}")
-
-
-def _save(obj, path: Path) -> None:
-    """``torch.save`` through a temporary file and a rename: a stage running beside this one (or a kill mid-write)
-    never sees a half-written checkpoint."""
-    tmp = Path(path).with_name(Path(path).name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _resume(ckpt: Path, key: str, module: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
-            log) -> int:
-    """Load ``module`` (saved under ``key``) and the optimiser from ``ckpt`` if it exists; returns the step to
-    continue from (0 for a fresh start)."""
-    if not ckpt.exists():
-        return 0
-    state = torch.load(ckpt, map_location=device)
-    module.load_state_dict(state[key])
-    opt.load_state_dict(state["opt"])
-    log(f"{key}: resumed at step {state['step']}")
-    return state["step"]
-
-
-def _optimizer_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor, lr: float,
-                    warmup: int, floor: float, step: int, progress: float) -> None:
-    """Backward, clip the gradient norm to 1, set the learning rate (linear warm-up over ``warmup`` steps, then a
-    cosine from ``lr`` to ``floor · lr`` over the budget's ``progress``) and step."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    scale = min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-    for group in opt.param_groups:
-        group["lr"] = lr * scale
-    opt.step()
-
-
-def state_done(path: Path) -> bool:
-    return path.exists() and bool(torch.load(path, map_location="cpu").get("done"))
-
-
-class _Budget:
-    """Training progress in [0, 1] by steps, or by wall time when a budget in minutes and/or a ``deadline`` (Unix
-    time by which the stage must stop) is given — the LR schedule follows it, so a time-boxed run still anneals."""
-
-    def __init__(self, minutes: float | None, steps: int, start_step: int, deadline: float | None = None) -> None:
-        self.seconds = None if minutes is None else minutes * 60
-        if deadline is not None:
-            left = max(1.0, deadline - time.time())
-            self.seconds = left if self.seconds is None else min(self.seconds, left)
-        self.steps, self.t0, self.start_step = steps, time.time(), start_step
-
-    def progress(self, step: int) -> float:
-        if self.seconds is None:
-            return min(1.0, step / self.steps)
-        return min(1.0, (time.time() - self.t0) / self.seconds)
-
-    def done(self, step: int) -> bool:
-        return step >= self.steps or (self.seconds is not None and self.progress(step) >= 1.0)
 
 
 def _vae_clip_job(ch: syn.Character, frames: int, seed: int) -> np.ndarray:
@@ -517,7 +463,7 @@ def train_decoder(stack, args, log) -> None:
         p.requires_grad_(True)
     window = fpb * max(1, args.decoder_tbptt)
     windows = -(-latents // window)
-    budget = _Budget(args.decoder_minutes, args.decoder_steps, step, args.deadline)
+    budget = Budget(args.decoder_minutes, args.decoder_steps, step, args.deadline)
     last_save, t0, ema = time.time(), time.time(), None
     n = len(pool["char"])
     batch = step // windows
@@ -556,10 +502,10 @@ def train_decoder(stack, args, log) -> None:
             if budget.done(step):
                 break
         if time.time() - last_save > args.save_every:
-            _save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+            save_state({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
             last_save = time.time()
     vae.eval().requires_grad_(False)
-    _save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "done": True}, ckpt)
+    save_state({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "done": True}, ckpt)
     eval_decoder(vae, val, log, "after")
     log(f"decoder: done at step {step}")
 
@@ -589,10 +535,8 @@ def make_data(stack, args, log) -> dict:
     chars = _characters(args.seed, args.extra_characters)
     bank = [np.asarray(a, np.float32) for a in np.load(args.speech, allow_pickle=True)["speech"]]
     st = stack.settings.stream
-    block_samples = syn.SAMPLE_RATE * FRAMES_PER_BLOCK // syn.FPS
     left = round(st.audio_left_context_s * syn.SAMPLE_RATE)
     ahead = round(st.audio_lookahead_s * syn.SAMPLE_RATE)
-    feats_fn = FrameAudioFeatures(stack.wav2vec2, syn.SAMPLE_RATE, syn.FPS)
     frames = FRAMES_PER_BLOCK * args.blocks
     pool = _worker_pool(args)
     lat, feats, char_idx, opens = [], [], [], []
@@ -608,15 +552,14 @@ def make_data(stack, args, log) -> dict:
         outs = pool.starmap(_data_clip_job, [(chars[ci], a, s, frames, sd) for ci, a, s, sd in jobs])
         video = _to_video(np.stack([o[0] for o in outs]), device)
         lat.append(encode_video(stack.vae, video)[:, :, 1:].half().cpu())
-        for (ci, audio, _, _), (_, opening) in zip(jobs, outs):
-            padded = np.concatenate([np.zeros(left, np.float32), audio, np.zeros(block_samples + ahead, np.float32)])
-            per_block = []
-            for k in range(args.blocks):
-                window = padded[k * block_samples: k * block_samples + left + block_samples + ahead]
-                per_block.append(feats_fn(window, k * block_samples - left, k * FRAMES_PER_BLOCK, FRAMES_PER_BLOCK)[0])
-            feats.append(torch.stack(per_block).half().cpu())
-            char_idx.append(ci)
-            opens.append(torch.from_numpy(opening))
+        windows = np.stack([block_windows(audio, args.blocks, left, ahead) for _, audio, _, _ in jobs])
+        if start == 0:
+            taps = block_taps(stack.wav2vec2, args.blocks, left, windows.shape[-1], device)
+        w = torch.from_numpy(windows).to(device).flatten(0, 1)
+        f = window_features(stack.wav2vec2, w, tuple(t.repeat(len(jobs), 1) for t in taps))
+        feats.extend(f.unflatten(0, (len(jobs), args.blocks)).half().cpu())
+        char_idx.extend(ci for ci, _, _, _ in jobs)
+        opens.extend(torch.from_numpy(opening) for _, opening in outs)
         log(f"data: {start + len(jobs)}/{args.clips} clips ({time.time() - t0:.0f} s)")
     refs, motions = [], []
     dit_cfg = stack.dit.config
@@ -626,7 +569,7 @@ def make_data(stack, args, log) -> dict:
         motions.append(encode_video(stack.vae, pixels.expand(-1, -1, dit_cfg.motion_frames, -1, -1))[0].cpu())
     data = {"latents": torch.cat(lat), "features": torch.stack(feats), "char": torch.tensor(char_idx),
             "openness": torch.stack(opens), "ref": torch.stack(refs), "motion": torch.stack(motions)}
-    _save(data, path)
+    save_state(data, path)
     return data
 
 
@@ -703,7 +646,7 @@ def train_dit(stack, data: dict, args, log) -> None:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
-    step = _resume(ckpt, "dit", dit, opt, device, log)
+    step = resume(ckpt, "dit", dit, opt, device, log)
     latents = data["latents"].to(device)
     feats = data["features"].to(device)
     chars = data["char"].to(device)
@@ -729,10 +672,10 @@ def train_dit(stack, data: dict, args, log) -> None:
     dit.train()
     last_save, t0 = time.time(), time.time()
     ema = ema_roll = None
-    budget = _Budget(args.dit_minutes, args.dit_steps, step, args.deadline)
+    budget = Budget(args.dit_minutes, args.dit_steps, step, args.deadline)
 
     def save() -> None:
-        _save({"dit": dit.state_dict(), "opt": opt.state_dict(), "step": step, "loss": ema}, ckpt)
+        save_state({"dit": dit.state_dict(), "opt": opt.state_dict(), "step": step, "loss": ema}, ckpt)
 
     while not budget.done(step):
         g = torch.Generator(device=device).manual_seed(args.data_seed * 1_000_003 + step)
@@ -758,7 +701,7 @@ def train_dit(stack, data: dict, args, log) -> None:
                                 block0, g)
             total = loss + args.rollout_weight * roll
             ema_roll = roll.item() if ema_roll is None else 0.98 * ema_roll + 0.02 * roll.item()
-        _optimizer_step(opt, params, total, args.dit_lr, 300, 0.05, step, budget.progress(step))
+        optimizer_step(opt, params, total, args.dit_lr, 300, 0.05, step, budget.progress(step))
         step += 1
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 50 == 0:
@@ -789,8 +732,10 @@ def build_speech_bank(path: Path, count: int, seed: int) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="profile whose model sizes to train (default tiny)")
     p.add_argument("--work", type=Path, default=Path("artifacts/train-tiny"), help="checkpoints and data")
-    p.add_argument("--out", type=Path, default=None, help="weights file (default: the profile's weights path)")
-    p.add_argument("--stage", choices=["speech", "vae", "data", "dit", "decoder", "export", "all"], default="all",
+    p.add_argument("--out", type=Path, default=None, help="weights file (default WORK/tiny.safetensors; the shipped "
+                   "file is replaced only when named here)")
+    p.add_argument("--stage", choices=["speech", "vae", "audio", "data", "dit", "decoder", "export", "all"],
+                   default="all",
                    help="'decoder': after the others, fine-tune the VAE decoder on long streams decoded block by "
                    "block (latent space kept); 'export': only write the weights file from --work / --init-from")
     p.add_argument("--log-name", default="train.log", help="log file in --work (stages run side by side need two)")
@@ -839,6 +784,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dit-batch", type=int, default=16)
     p.add_argument("--dit-lr", type=float, default=1e-3)
     p.add_argument("--vae-minutes", type=float, default=None, help="time budget for the VAE stage (stops early)")
+    p.add_argument("--audio-clips", type=int, default=512, help="audio stage: composed clips of --blocks blocks")
+    p.add_argument("--audio-val-clips", type=int, default=48, help="audio stage: clips of held-out utterances")
+    p.add_argument("--audio-steps", type=int, default=1500)
+    p.add_argument("--audio-batch", type=int, default=64, help="audio stage: block windows per step")
+    p.add_argument("--audio-lr", type=float, default=3e-3)
+    p.add_argument("--audio-minutes", type=float, default=None, help="time budget for the audio stage")
     p.add_argument("--dit-minutes", type=float, default=None, help="time budget for the DiT stage (stops early)")
 
 
@@ -846,8 +797,8 @@ def main(args: argparse.Namespace) -> int:
     from .engine import resolve_device
 
     settings = load_settings(args.config)
-    out = args.out or settings.weights or Path("assets/tiny/tiny.safetensors")
     work = Path(args.work)
+    out = args.out or work / "tiny.safetensors"
     work.mkdir(parents=True, exist_ok=True)
     args.speech = args.speech or work / "speech.npz"
     if args.data_seed is None:
@@ -881,16 +832,20 @@ def main(args: argparse.Namespace) -> int:
             log(f"{name}: weights from {path}")
         return path.exists()
 
+    probe = AudioProbe(stack.wav2vec2).to(device)
     if args.init_from is not None:
         # weights only, where --work has none of its own (a resumed stage loads its own checkpoint below)
-        if not (work / "vae.pt").exists():
-            load("vae", stack.vae, args.init_from)
-        if not (work / "dit.pt").exists():
-            load("dit", stack.dit, args.init_from)
+        for name, module in (("vae", stack.vae), ("dit", stack.dit), ("audio", probe)):
+            if not (work / f"{name}.pt").exists():
+                load(name, module, args.init_from)
     if args.stage in ("vae", "all"):
         train_vae(stack, args, log)
     else:
         load("vae", stack.vae, work)
+    if args.stage in ("audio", "all"):
+        train_audio(probe, args, log, settings.stream)
+    else:
+        load("audio", probe, work)
     if args.stage in ("decoder", "export"):
         if args.init_from is not None and not (work / "decoder.pt").exists():
             load("decoder", stack.vae, args.init_from, "vae")  # a decoder stage's result: the same encoder

@@ -33,6 +33,43 @@ def build_wav2vec2(size: Wav2Vec2Size) -> Wav2Vec2Model:
     return Wav2Vec2Model(cfg).eval()
 
 
+def frame_taps(window_start: int, first_frame: int, num_frames: int, fps: int, t50: int
+               ) -> tuple[list[int], list[int], list[float]]:
+    """Where video frames ``first_frame …`` read a window's 50 Hz hidden states: per frame the two neighbouring
+    wav2vec2 frames ``lo``, ``hi`` and the weight ``a`` of ``hi`` (upstream's 30 Hz grid sampled at ``fps``)."""
+    if window_start % WAV2VEC_HOP:
+        raise ValueError(f"window start {window_start} is not a multiple of {WAV2VEC_HOP} samples")
+    offset = window_start // WAV2VEC_HOP
+    lo_idx, hi_idx, weights = [], [], []
+    for j in range(first_frame, first_frame + num_frames):
+        pos = round(j * FEATURE_RATE / fps) * WAV2VEC_RATE / FEATURE_RATE - offset
+        pos = min(max(pos, 0.0), t50 - 1.0)
+        lo = math.floor(pos)
+        lo_idx.append(lo)
+        hi_idx.append(min(lo + 1, t50 - 1))
+        weights.append(pos - lo)
+    return lo_idx, hi_idx, weights
+
+
+def window_features(wav2vec2: Wav2Vec2Model, windows: torch.Tensor, taps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Per-frame features of a batch of equal-length windows ``[B, S]`` (differentiable: train-tiny trains the tiny
+    wav2vec2 through it). ``taps`` = ``(lo, hi, a)`` of shape ``[B, F]`` from :func:`frame_taps`. Each window is
+    normalised to zero mean and unit variance, as upstream does per file. Returns ``[B, L, C, F]``."""
+    x = (windows - windows.mean(-1, keepdim=True)) / torch.sqrt(windows.var(-1, unbiased=False, keepdim=True) + 1e-7)
+    x = x.to(next(wav2vec2.parameters()).dtype)
+    hidden = torch.stack(wav2vec2(x, output_hidden_states=True).hidden_states, dim=1)  # [B, L, T50, C]
+    lo, hi, a = taps
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+    h = hidden.permute(0, 2, 1, 3)  # [B, T50, L, C]
+    mixed = h[rows, lo] * (1 - a)[..., None, None] + h[rows, hi] * a[..., None, None]  # [B, F, L, C]
+    return mixed.permute(0, 2, 3, 1)
+
+
+def num_hidden_frames(wav2vec2: Wav2Vec2Model, samples: int) -> int:
+    """How many 50 Hz hidden states wav2vec2 gives for a window of ``samples``."""
+    return int(wav2vec2._get_feat_extract_output_lengths(torch.tensor(samples)))
+
+
 class FrameAudioFeatures:
     """Turns a block's audio window into ``[1, num_hidden_states, hidden, frames]`` per-frame features."""
 
@@ -49,21 +86,10 @@ class FrameAudioFeatures:
         ``samples`` is the window (float32 mono 16 kHz); ``window_start`` its first sample's index in stream
         time (may be negative: leading zeros), and must be a multiple of the 320-sample wav2vec2 hop.
         """
-        if window_start % WAV2VEC_HOP:
-            raise ValueError(f"window start {window_start} is not a multiple of {WAV2VEC_HOP} samples")
         p = next(self.wav2vec2.parameters())
-        x = torch.as_tensor(samples, dtype=torch.float32)
-        x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
-        out = self.wav2vec2(x[None].to(p.device, p.dtype), output_hidden_states=True)
-        hidden = torch.stack(out.hidden_states, dim=1)[0].float()
-        t50 = hidden.shape[1]
-        offset = window_start // WAV2VEC_HOP
-        cols = []
-        for j in range(first_frame, first_frame + num_frames):
-            pos = round(j * FEATURE_RATE / self.fps) * WAV2VEC_RATE / FEATURE_RATE - offset
-            pos = min(max(pos, 0.0), t50 - 1.0)
-            lo = math.floor(pos)
-            hi = min(lo + 1, t50 - 1)
-            a = pos - lo
-            cols.append(hidden[:, lo] * (1 - a) + hidden[:, hi] * a)
-        return torch.stack(cols, dim=-1)[None]
+        t50 = num_hidden_frames(self.wav2vec2, len(samples))
+        taps = frame_taps(window_start, first_frame, num_frames, self.fps, t50)
+        lo, hi = (torch.tensor([t], device=p.device) for t in taps[:2])
+        a = torch.tensor([taps[2]], device=p.device, dtype=p.dtype)
+        x = torch.as_tensor(samples, dtype=torch.float32)[None].to(p.device)
+        return window_features(self.wav2vec2, x, (lo, hi, a)).float()

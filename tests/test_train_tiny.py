@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from live import train_tiny as tt
+from live.train_loop import Budget
 from model.config import VAEConfig
 from model.vae import StreamingVAEDecoder, build_vae
 from tests.conftest import random_stream_inputs
@@ -81,7 +82,7 @@ def test_stock_vae_undoes_the_cpu_inference_fast_path(vae):
 
 
 def test_budget_stops_at_the_deadline_and_anneals_to_it():
-    b = tt._Budget(minutes=60, steps=10**9, start_step=0, deadline=time.time() + 1.2)
+    b = Budget(minutes=60, steps=10**9, start_step=0, deadline=time.time() + 1.2)
     assert not b.done(1) and b.progress(1) < 0.5
     time.sleep(1.3)
     assert b.done(2) and b.progress(2) == 1.0
