@@ -198,3 +198,55 @@ def test_decoder_dit_and_export_stages_chain_as_the_gpu_script_runs_them(toy_run
     fresh = tt.build_stack(tt.load_settings(None), torch.device("cpu"))
     load_project_weights(tmp / "tiny.safetensors", {"dit": fresh.dit, "vae": fresh.vae, "wav2vec2": fresh.wav2vec2,
                                                     "text": fresh.text_encoder})
+
+
+def test_training_windows_and_features_are_the_engines(tiny_stack):
+    """The audio and data stages cut a stream's audio with block_windows and compute all blocks' features at once
+    (window_features, batched, differentiable); the engine takes windows from its AudioWindow block by block and
+    calls FrameAudioFeatures. Both must give the DiT the same features."""
+    from live.audio_window import AudioWindow
+    from live.train_tiny_audio import block_taps, block_windows
+    from model.audio_features import FrameAudioFeatures, window_features
+
+    st = tiny_stack.settings.stream
+    left, ahead = round(st.audio_left_context_s * 16000), round(st.audio_lookahead_s * 16000)
+    audio = np.random.default_rng(4).normal(0, 0.2, 3 * 7680 + 999).astype(np.float32)
+    win = AudioWindow(left_context_s=st.audio_left_context_s, lookahead_s=st.audio_lookahead_s)
+    win.push(audio)
+    win.finish()
+    feats = FrameAudioFeatures(tiny_stack.wav2vec2)
+    engine = []
+    while (block := win.next_block()) is not None:
+        engine.append(feats(block.samples, block.index * 7680 - block.block_offset, 12 * block.index, 12)[0])
+    windows = torch.from_numpy(block_windows(audio, len(engine), left, ahead))
+    assert windows.shape[0] == 4
+    taps = block_taps(tiny_stack.wav2vec2, len(engine), left, windows.shape[1], torch.device("cpu"))
+    with torch.no_grad():
+        batched = window_features(tiny_stack.wav2vec2, windows, taps)
+    assert torch.allclose(batched, torch.stack(engine), atol=1e-5)
+
+
+def test_audio_stage_trains_the_wav2vec2_that_data_and_export_use(toy_run):
+    """--stage audio trains the wav2vec2 with its probe head and checkpoints it; the later stages (here export)
+    load it, so the weights file carries the trained wav2vec2 under ``wav2vec2.``."""
+    from safetensors.torch import load_file
+
+    run, tmp = toy_run
+    work = tmp / "work"
+    assert run("--stage", "audio", "--blocks", "2", "--audio-clips", "6", "--audio-val-clips", "2",
+               "--audio-steps", "3", "--audio-batch", "4", "--out", str(tmp / "a.safetensors")) == 0
+    state = torch.load(work / "audio.pt")
+    assert state["step"] == 3 and state["done"]
+    log = (work / "train.log").read_text()
+    assert "audio eval at step 0" in log and "audio eval at step 3" in log
+    fresh = tt.build_stack(tt.load_settings(None), torch.device("cpu")).wav2vec2.state_dict()
+    trained = {k.removeprefix("wav2vec2."): v for k, v in state["audio"].items() if k.startswith("wav2vec2.")}
+    assert trained.keys() == fresh.keys()
+    name = "feature_extractor.conv_layers.0.conv.weight"
+    assert not torch.equal(trained[name], fresh[name])
+    # a resumed run of a finished stage does nothing; export writes the trained wav2vec2
+    assert run("--stage", "audio", "--audio-steps", "5") == 0
+    assert torch.load(work / "audio.pt")["step"] == 3
+    assert run("--stage", "export", "--out", str(tmp / "tiny.safetensors")) == 0
+    out = load_file(str(tmp / "tiny.safetensors"))
+    assert torch.equal(out[f"wav2vec2.{name}"], trained[name])
