@@ -771,8 +771,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-val-streams", type=int, default=len(syn.BUILTIN),
                    help="held-out streams (one per built-in character in turn)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--init-from", type=Path, default=None, help="folder with vae.pt / dit.pt (/ decoder.pt for the "
-                   "decoder and export stages) to start from (weights only: fine-tuning with new settings)")
+    p.add_argument("--init-from", type=Path, default=None, help="folder with vae.pt / dit.pt / audio.pt (/ decoder.pt "
+                   "for the decoder and export stages) to start from (weights only: fine-tuning with new settings)")
     p.add_argument("--mouth-weight", type=float, default=8.0, help="flow-matching loss weight in the mouth box")
     p.add_argument("--rollout-weight", type=float, default=1.0,
                    help="weight of the mouth loss on the model's own sampling trajectory (0: off)")
