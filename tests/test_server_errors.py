@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 
@@ -145,8 +146,10 @@ async def test_websocket_reports_bad_messages_and_stays_open(server_url):
             await ws.send_bytes(b"\x00\x01")
             reply = await ws.receive_json(timeout=30)
             assert "binary" in reply["message"]
-            # Beyond the protocol limit the socket is closed with 1009 (message too big).
-            await ws.send_str("x" * (2 * 1024 * 1024))
+            # Beyond the protocol limit the socket is closed with 1009 (message too big). The server may close it
+            # while the client is still writing the 2 MB, so the send itself may see the connection go.
+            with contextlib.suppress(ConnectionError):
+                await ws.send_str("x" * (2 * 1024 * 1024))
             closing = await ws.receive(timeout=30)
             assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
             assert ws.close_code == 1009
