@@ -331,6 +331,11 @@ def speech_bank(count: int, seed: int) -> list[np.ndarray]:
     return out
 
 
+def load_speech_bank(path: Path) -> list[np.ndarray]:
+    """The utterances of a speech bank ``.npz`` (``train-tiny --stage speech`` writes it) as float32 arrays."""
+    return [np.asarray(a, np.float32) for a in np.load(path, allow_pickle=True)["speech"]]
+
+
 def music_like(n: int, rng: np.random.Generator) -> np.ndarray:
     """Tones with harmonics changing note every 0.2–0.5 s (a negative: the mouth stays closed)."""
     out = np.zeros(n, np.float32)

@@ -379,7 +379,7 @@ def make_streams(stack, args, chars: list[syn.Character], count: int, latents: i
     primes its decoder with it) and their normalised latents ``[N, z, 1 + latents, h, w]`` from the frozen encoder.
     Characters go round ``chars`` in order, so every one is covered."""
     device = next(stack.vae.parameters()).device
-    bank = [np.asarray(a, np.float32) for a in np.load(args.speech, allow_pickle=True)["speech"]]
+    bank = syn.load_speech_bank(args.speech)
     frames = 4 * latents
     rng = np.random.default_rng([seed, 21])
     jobs = []
@@ -533,7 +533,7 @@ def make_data(stack, args, log) -> dict:
         return torch.load(path)
     device = next(stack.vae.parameters()).device
     chars = _characters(args.seed, args.extra_characters)
-    bank = [np.asarray(a, np.float32) for a in np.load(args.speech, allow_pickle=True)["speech"]]
+    bank = syn.load_speech_bank(args.speech)
     st = stack.settings.stream
     left = round(st.audio_left_context_s * syn.SAMPLE_RATE)
     ahead = round(st.audio_lookahead_s * syn.SAMPLE_RATE)

@@ -101,7 +101,7 @@ def train_audio(probe: AudioProbe, args, log, stream) -> None:
     step = resume(ckpt, "audio", probe, opt, device, log)
     if state_done(ckpt):
         return
-    bank = [np.asarray(a, np.float32) for a in np.load(args.speech, allow_pickle=True)["speech"]]
+    bank = syn.load_speech_bank(args.speech)
     n_val = max(1, len(bank) // 6)
     left = round(stream.audio_left_context_s * syn.SAMPLE_RATE)
     ahead = round(stream.audio_lookahead_s * syn.SAMPLE_RATE)
