@@ -45,11 +45,9 @@ from model.rope import apply_rope, grid_positions, rope_cos_sin
 from model.vae import denormalize_latents, encode_video
 
 from . import synthetic as syn
-from .train_tiny_audio import AudioProbe, block_taps, block_windows, train_audio
-from .train_loop import Budget, optimizer_step, resume, save_state, state_done
 from .settings import Settings, load_settings
-
-FRAMES_PER_BLOCK = 12
+from .train_loop import Budget, optimizer_step, resume, save_state, state_done
+from .train_tiny_audio import FRAMES_PER_BLOCK, AudioProbe, block_taps, block_windows, train_audio
 
 
 # ----- block-causal training forward ---------------------------------------------------------------------
