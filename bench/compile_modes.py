@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from live.bench import format_table, reference_image, run_engine  # noqa: E402
-from live.engine import ModelStack  # noqa: E402
+from cli.bench import format_table, reference_image, run_engine  # noqa: E402
+from live.engine.stream import ProfileStack  # noqa: E402
 from live.settings import load_settings  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def main() -> int:
     args = p.parse_args()
     settings = load_settings("configs/liveavatar-14b.yaml", fp8=True).model_copy(
         update={"checkpoint_dir": None, "lora": None})
-    stack = ModelStack.load(settings)
+    stack = ProfileStack.from_settings(settings)
     image = reference_image()
     results, notes = [], []
     for mode in (None, "max-autotune-no-cudagraphs"):

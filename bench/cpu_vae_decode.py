@@ -1,7 +1,7 @@
 """Streaming VAE decode of the built-in tiny avatar on CPU: ms per output frame, and the max abs difference from
 diffusers' own (unpatched) one-shot decode.
 
-Loads the shipped weights (``configs/tiny.yaml``), applies ``live.cpu_vae.speed_up_vae_`` as the engine does on
+Loads the shipped weights (``configs/tiny.yaml``), applies ``model.vae_cpu.speed_up_vae_`` as the engine does on
 CPU, and decodes a stream of random latents at 192×192 (latent 24×24) in blocks of 3 latents (12 frames), after
 the stream's first latent. Prints the median and best wall and CPU (process) time per frame over ``--blocks``
 blocks, for each thread count in ``--threads``. On a shared machine the CPU time is the steadier number.
@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from live.cpu_vae import speed_up_vae_  # noqa: E402
 from live.settings import load_settings  # noqa: E402
 from model.vae import StreamingVAEDecoder, build_vae, denormalize_latents  # noqa: E402
+from model.vae_cpu import speed_up_vae_  # noqa: E402
 
 
 def _shipped_vae() -> torch.nn.Module:

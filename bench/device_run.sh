@@ -28,8 +28,8 @@ gpu_tests() {
 gpu_bench() {
   local name=$1
   shift
-  # live.cli's main() imports the media stack (PyAV), which the GPU image lacks; bench needs only the parser.
-  LIVE_AVATAR_BENCH_PROFILE="$OUT/profile-$name.txt" python3 -c "import sys; from live.cli import build_parser
-from live.bench import main; sys.exit(main(build_parser().parse_args(sys.argv[1:])))" \
+  # cli.main's main() imports the media stack (PyAV), which the GPU image lacks; bench needs only the parser.
+  LIVE_AVATAR_BENCH_PROFILE="$OUT/profile-$name.txt" python3 -c "import sys; from cli.main import build_parser
+from cli.bench import main; sys.exit(main(build_parser().parse_args(sys.argv[1:])))" \
     bench --config configs/liveavatar-14b.yaml --random-weights "$@" 2>&1 | tee "$OUT/bench-$name.log"
 }

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.dit import _cuda_lse_backend, attention_lse, merge_attention  # noqa: E402
+from model.attention import LseAttention, merge_attention  # noqa: E402
 from model.fp8 import FP8Linear, quantize  # noqa: E402
 
 DEV = "cuda"
@@ -101,7 +101,8 @@ def attention() -> None:
         with sdpa_kernel([backend]):
             ms = timed(lambda: F.scaled_dot_product_attention(q, ck, cv))
         print(f"one SDPA over the concatenation, {name}: {ms:.3f} ms ({flop / ms / 1e9:.0f} TFLOP/s)")
-    print(f"LSE backend chosen: {_cuda_lse_backend(torch.bfloat16)}")
+    attention_lse = LseAttention()
+    print(f"LSE backend chosen: {attention_lse.backend(torch.bfloat16)}")
     split = lambda: merge_attention(*attention_lse(q, sk, sv), *attention_lse(q, rk, rv))  # noqa: E731
     ms = timed(split)
     print(f"sink + ring, two LSE attentions + merge: {ms:.3f} ms ({flop / ms / 1e9:.0f} TFLOP/s)")

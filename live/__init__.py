@@ -1,1 +1,1 @@
-"""The runtime: engine loop, sessions, audio window, frame ring, A/V clock, tracks and sinks."""
+"""The runtime: sessions and their peers, settings, metrics; engine/, stream/ and sinks/ hold the parts."""

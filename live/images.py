@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .settings import REPO_ROOT
+from live.settings import REPO_ROOT
 
 CHARACTER_DIR = REPO_ROOT / "assets" / "characters"
 

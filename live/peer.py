@@ -7,11 +7,16 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
-from .settings import IceServer
+from live.settings import IceServer
 
 MAX_SDP_BYTES = 64 * 1024
 

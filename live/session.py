@@ -16,17 +16,24 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from PIL import Image
 
-from .audio_feed import SAMPLE_RATE, AudioFeed
-from .clock import SessionClock
-from .encoder import SharedAudioEncoder, SharedVideoEncoder
-from .metrics import CounterRate, LiveGauges, ServerMetrics, SessionGauges
-from .output import SessionOutput
-from .peer import PeerLink
-from .rtmp import RtmpPush
-from .settings import Settings
-from .tracks import AvatarAudioTrack, AvatarVideoTrack, check_h264_offer, prefer_h264, route_keyframe_requests
-from .vcam import VirtualCamera, VirtualCameraError
-from .worker import EngineHandle, EngineWorker, WorkerBusy, worker_devices
+from live.engine.worker import EngineHandle, EngineWorker, WorkerBusy, worker_devices
+from live.metrics import CounterRate, LiveGauges, ServerMetrics, SessionGauges
+from live.peer import PeerLink
+from live.settings import Settings
+from live.sinks.encoder import SharedAudioEncoder, SharedVideoEncoder
+from live.sinks.rtmp import RtmpPush
+from live.sinks.tracks import (
+    AvatarAudioTrack,
+    AvatarVideoTrack,
+    check_h264_offer,
+    prefer_h264,
+    route_keyframe_requests,
+)
+from live.sinks.vcam import VirtualCamera, VirtualCameraError
+from live.stream.audio_feed import AudioFeed
+from live.stream.clock import SessionClock
+from live.stream.output import SessionOutput
+from model.audio_features import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 

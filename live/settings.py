@@ -9,9 +9,14 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from model.config import ModelConfig
+from model.stack import StackOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -191,6 +196,13 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment variables override the YAML profile, which arrives as init kwargs.
         return env_settings, init_settings
+
+    def stack_options(self) -> StackOptions:
+        """What :meth:`model.stack.ModelStack.load` needs from this profile."""
+        return StackOptions(device=self.device, dtype=self.dtype, seed=self.seed, threads=self.threads,
+                            checkpoint_dir=self.checkpoint_dir, lora=self.lora, weights=self.weights,
+                            text_device=self.text_device, fp8=self.fp8, compile=self.compile,
+                            cuda_graphs=self.cuda_graphs, steps=self.stream.steps, shift=self.stream.shift)
 
 
 class ConfigError(ValueError):

@@ -1,1 +1,2 @@
-"""Tensors only: the causal S2V DiT, audio encoder, VAE wrapper, sampler and checkpoint loading."""
+"""Tensors only: the causal S2V DiT, attention kernels, audio encoder, VAE (+ CPU fast path), sampler, the model
+stack and checkpoint loading."""

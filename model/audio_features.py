@@ -21,6 +21,8 @@ WAV2VEC_RATE = 50
 WAV2VEC_HOP = 320
 FEATURE_RATE = 30
 
+SAMPLE_RATE = 16000  # wav2vec2 hears 16 kHz mono: the one audio rate of the whole system (mic in, engine, output)
+
 
 def build_wav2vec2(size: Wav2Vec2Size) -> Wav2Vec2Model:
     """A randomly initialised wav2vec2 (layer-norm "stable" variant, as XLSR-53) of the given size."""
@@ -73,8 +75,8 @@ def num_hidden_frames(wav2vec2: Wav2Vec2Model, samples: int) -> int:
 class FrameAudioFeatures:
     """Turns a block's audio window into ``[1, num_hidden_states, hidden, frames]`` per-frame features."""
 
-    def __init__(self, wav2vec2: Wav2Vec2Model, sample_rate: int = 16000, fps: int = 25) -> None:
-        if sample_rate != 16000:
+    def __init__(self, wav2vec2: Wav2Vec2Model, sample_rate: int = SAMPLE_RATE, fps: int = 25) -> None:
+        if sample_rate != SAMPLE_RATE:
             raise ValueError(f"wav2vec2 needs 16 kHz audio, got {sample_rate} Hz")
         self.wav2vec2 = wav2vec2
         self.fps = fps

@@ -16,7 +16,6 @@ Streaming, per session:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from diffusers.models.normalization import AdaLayerNorm
 from torch import nn
 
+from .attention import LseAttention, merge_attention, sdpa_backends
 from .audio_encoder import CausalAudioEncoder
 from .config import DiTConfig
 from .cuda_graphs import StepGraphs
@@ -199,84 +199,6 @@ def block_finish(blk: S2VBlock, x: torch.Tensor, parts: tuple[torch.Tensor, ...]
     return blk.finish(x, out, e, text_kv)
 
 
-# ----- attention over [sink | ring] without concatenating them --------------------------------------------
-def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of ``[B, H, L, D]`` inputs → (output ``[B, H, Lq, D]``, natural-log sum-exp of the
-    scaled scores ``[B, H, Lq]`` float32). The log-sum-exp lets two attentions over disjoint key sets be
-    merged exactly (:func:`merge_attention`)."""
-    lq = q.shape[2]
-    if q.is_cuda:
-        while True:
-            name = _cuda_lse_backend(q.dtype)
-            try:
-                out, lse = _CUDA_LSE_BACKENDS[name](q, k, v)
-                break
-            except RuntimeError:  # a kernel that passed the check may still refuse these shapes or strides
-                _CUDA_LSE_FAILED.add(name)
-                _CUDA_LSE_CHOICE.pop(q.dtype)
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
-    return out, lse.reshape(q.shape[0], q.shape[1], -1)[..., :lq].float()
-
-
-def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
-    """Attention over the union of two key sets from the attentions over each: the outputs weighted by their
-    share of the total softmax mass, ``sigmoid(lse1 - lse2)`` (exact; float32)."""
-    w = torch.sigmoid(lse1 - lse2).unsqueeze(-1)
-    o2 = o2.float()
-    return o2 + (o1.float() - o2) * w
-
-
-_CUDA_LSE_BACKENDS = {
-    "cudnn": lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2],
-    "flash": lambda q, k, v: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2],
-    "efficient": lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2],
-}
-_CUDA_LSE_CHOICE: dict[torch.dtype, str] = {}
-_CUDA_LSE_FAILED: set[str] = set()
-
-
-def _cuda_lse_backend(dtype: torch.dtype) -> str:
-    """The first LSE-returning CUDA attention kernel (cuDNN, FlashAttention, memory-efficient) that runs here
-    and whose merged result matches plain attention — checked once per dtype on random data, because these
-    private ops' availability and output layouts vary across GPUs and torch versions."""
-    if dtype not in _CUDA_LSE_CHOICE:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        # [B, S, H, D] storage viewed as [B, H, S, D], the layout the DiT passes
-        q, k1, k2, v1, v2 = (torch.randn(1, n, 4, 128, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
-                             for n in (192, 160, 320, 160, 320))
-        ref = F.scaled_dot_product_attention(q.float(), torch.cat([k1, k2], 2).float(), torch.cat([v1, v2], 2).float())
-        errors = {}
-        for name, fn in _CUDA_LSE_BACKENDS.items():
-            if name in _CUDA_LSE_FAILED:
-                continue
-            try:
-                (o1, l1), (o2, l2) = fn(q, k1, v1), fn(q, k2, v2)
-                b, h, lq = q.shape[:3]
-                got = merge_attention(o1, l1.reshape(b, h, -1)[..., :lq].float(), o2, l2.reshape(b, h, -1)[..., :lq].float())
-                err = float((got - ref).norm() / ref.norm())
-            except RuntimeError as exc:
-                errors[name] = str(exc).splitlines()[0]
-                continue
-            if err < 2e-2:
-                _CUDA_LSE_CHOICE[dtype] = name
-                break
-            errors[name] = f"relative error {err:.3g}"
-        else:
-            raise RuntimeError(f"no CUDA attention kernel with log-sum-exp works for {dtype}: {errors}")
-    return _CUDA_LSE_CHOICE[dtype]
-
-
-def sdpa_backends(device: torch.device):
-    """Context preferring cuDNN attention (then FlashAttention) on CUDA, as upstream does on Hopper."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)
-
-
 class FramePackMotioner(nn.Module):
     """Packs 19 motion latents into 1× / 2× / 4× compressed token groups (``frame_packer.*``)."""
 
@@ -380,6 +302,7 @@ class CausalS2VDiT(nn.Module):
         self.compiled = False
         self.cuda_graphs = False  # replay full-ring steps on CUDA as graphs (model/cuda_graphs.py)
         self._rope: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
+        self.attention = LseAttention()
 
     def compile_blocks(self, mode: str | None = None) -> None:
         """``torch.compile`` the per-layer pieces of :meth:`forward_block` (pre-attention, post-attention,
@@ -525,8 +448,8 @@ class CausalS2VDiT(nn.Module):
                 vbuf[:, slot: slot + n] = v
                 sink_k, sink_v = caches.sink_k[layer], caches.sink_v[layer]
                 qt = q.transpose(1, 2)
-                parts = (*attention_lse(qt, sink_k.transpose(1, 2), sink_v.transpose(1, 2)),
-                         *attention_lse(qt, kbuf[:, :written].transpose(1, 2), vbuf[:, :written].transpose(1, 2)))
+                parts = (*self.attention(qt, sink_k.transpose(1, 2), sink_v.transpose(1, 2)),
+                         *self.attention(qt, kbuf[:, :written].transpose(1, 2), vbuf[:, :written].transpose(1, 2)))
                 x = self._finish(blk, x, parts, e0, text_kv[layer])
                 if layer in self.audio_injector.block_to_injector:
                     idx = self.audio_injector.block_to_injector[layer]

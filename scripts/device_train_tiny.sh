@@ -45,7 +45,7 @@ HARD=$((DEADLINE + 50 - $(date +%s)))  # a stage still running 50 s past the dea
 echo "start $(date -u +%FT%TZ) init=$INIT data_seed=$DATA_SEED device=$DEVICE deadline=+$((DEADLINE - T0))s"
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
-ENTRY='import sys; from live.cli import build_parser; a = build_parser().parse_args(sys.argv[1:]); sys.exit(a.func(a))'
+ENTRY='import sys; from cli.main import build_parser; a = build_parser().parse_args(sys.argv[1:]); sys.exit(a.func(a))'
 COMMON=(train-tiny --work "$W" --init-from "$INIT" --speech "$SPEECH" --extra-characters 0 --seed 0
         --data-seed "$DATA_SEED" --save-every "${SAVE_EVERY:-60}" --workers "${WORKERS:-7}" --threads "${THREADS:-2}")
 

@@ -12,8 +12,8 @@ import json
 
 from aiohttp import web
 
-from live.rtmp import RtmpUrlError
 from live.session import Session
+from live.sinks.rtmp import RtmpUrlError
 
 from .http import error_response
 from .state import STATE

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from live.engine.worker import WorkerBusy
 from live.peer import MAX_SDP_BYTES, OfferError, parse_offer
 from live.session import AdmissionError, EngineStartError
-from live.worker import WorkerBusy
 
 from .http import error_response, read_sdp
 from .images import resolve_options

@@ -26,11 +26,11 @@ from aiohttp import WSMsgType, web
 from aiortc.sdp import candidate_from_sdp
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from live.engine.worker import WorkerBusy
 from live.peer import MAX_SDP_BYTES, OfferError, parse_offer
-from live.rtmp import MAX_URL_CHARS, RtmpUrlError, check_url
 from live.session import AdmissionError, EngineStartError, Session
-from live.tracks import check_h264_offer
-from live.worker import WorkerBusy
+from live.sinks.rtmp import MAX_URL_CHARS, RtmpUrlError, check_url
+from live.sinks.tracks import check_h264_offer
 
 from .images import MAX_PROMPT_CHARS, resolve_options
 from .state import STATE, ServerState

@@ -28,10 +28,10 @@ def tiny_settings():
 
 @pytest.fixture(scope="session")
 def tiny_stack(tiny_settings):
-    """One tiny ModelStack shared by the engine tests (random weights, seed 0)."""
-    from live.engine import ModelStack
+    """One tiny ProfileStack shared by the engine tests (random weights, seed 0)."""
+    from live.engine.stream import ProfileStack
 
-    return ModelStack.load(tiny_settings)
+    return ProfileStack.from_settings(tiny_settings)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +58,7 @@ def server_url():
 
     Its log goes to artifacts/server-tests.log; it is interrupted (graceful shutdown) at the end.
     """
-    from live.server_process import ServerProcess
+    from cli.server_process import ServerProcess
     from live.settings import load_settings
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -73,7 +73,7 @@ def server_url():
 @pytest.fixture(scope="session")
 def speech_16k(speech_wav):
     """The speech fixture decoded to 16 kHz mono float32 (what the server's engine hears)."""
-    from live.media import read_audio_16k
+    from cli.media import read_audio_16k
 
     return read_audio_16k(speech_wav)
 

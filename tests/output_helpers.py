@@ -1,6 +1,6 @@
 """A synthetic session output for the output tests: a white flash and a 1 kHz beep at the start of every second.
 
-It has the sink interface of :class:`live.output.SessionOutput` (``clock``, ``fps``, ``closed``, ``frames``,
+It has the sink interface of :class:`live.stream.output.SessionOutput` (``clock``, ``fps``, ``closed``, ``frames``,
 ``audio``), so the shared encoders and the RTMP push run on it unchanged, and what comes out the far end can be
 checked for sync: the flash and the beep were made for the same media time.
 """
@@ -13,9 +13,9 @@ import math
 import av
 import numpy as np
 
-from live.audio_feed import SAMPLE_RATE
-from live.clock import SessionClock
-from live.output import OutputClosed, VideoSource
+from live.stream.clock import SessionClock
+from live.stream.output import OutputClosed, VideoSource
+from model.audio_features import SAMPLE_RATE
 
 FLASH_FRAMES = 2
 BEEP_HZ = 1000.0

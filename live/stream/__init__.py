@@ -1,0 +1,1 @@
+"""A session's timeline between mic and outputs: audio feed and window, frame ring, clock, output pump."""
