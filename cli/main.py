@@ -64,7 +64,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_tiny(args: argparse.Namespace) -> int:
-    from train.tiny import main as train_main
+    from train.decoder_stage import main as train_main
 
     return train_main(args)
 
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="time the shared H.264 encoder at 704x384 and 1280x720 (--blocks x 12 frames per row)")
     sp.set_defaults(func=_cmd_bench)
 
-    from train.tiny import add_arguments
+    from train.decoder_stage import add_arguments
 
     sp = sub.add_parser("train-tiny", help="train the built-in tiny avatar on synthetic talking faces")
     add_arguments(sp)

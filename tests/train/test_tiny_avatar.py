@@ -125,7 +125,7 @@ def _cheek(ch: syn.Character) -> tuple[slice, slice]:
 def test_training_forward_equals_streaming_inference(stack):
     """train-tiny's clip forward (all blocks at once, differentiable) is forward_block's maths: same velocities as
     the streaming path over 6 blocks (KV ring wrap included) at two denoising steps."""
-    from train.tiny import clip_velocity, encode_audio_blocks, sink_kv
+    from train.decoder_stage import clip_velocity, encode_audio_blocks, sink_kv
 
     dit = stack.dit
     h = w = 8

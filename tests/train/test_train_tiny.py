@@ -15,7 +15,7 @@ import torch
 from model.config import VAEConfig
 from model.vae import StreamingVAEDecoder, build_vae
 from tests.conftest import random_stream_inputs
-from train import tiny as tt
+from train import decoder_stage as tt
 from train.loop import Budget
 
 
