@@ -442,11 +442,8 @@ def _load(args: argparse.Namespace) -> Settings:
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (see ``live-avatar bench --help``); prints one table."""
     if args.server:
-        try:
-            from cli.latency_bench import run_latency_bench
-        except ImportError:
-            print("server latency bench not available (cli.latency_bench is missing)")
-            return 2
+        from cli.latency_bench import run_latency_bench
+
         settings = _load(args)
         result = run_latency_bench(settings, args.seconds)
         for key, value in result.items():

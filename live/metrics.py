@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 ENCODE_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.1)
 BLOCK_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.48, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0)
 
@@ -80,6 +81,7 @@ class LiveGauges:
 
     sessions: list[SessionGauges] = field(default_factory=list)
     engines_by_device: dict[str, int] = field(default_factory=dict)
+    loop_lag_p99_s: float = 0.0
 
 
 class _LiveCollector(Collector):
@@ -130,6 +132,9 @@ class _LiveCollector(Collector):
         for device, n in live.engines_by_device.items():
             engines.add_metric([device], n)
         yield engines
+        yield GaugeMetricFamily("live_avatar_event_loop_lag_p99_seconds",
+                                "99th percentile of the event loop's lag over about the last minute.",
+                                value=live.loop_lag_p99_s)
 
 
 class ServerMetrics:
@@ -166,6 +171,9 @@ class ServerMetrics:
                                              registry=r)
         self.block_seconds = Histogram("live_avatar_block_seconds", "Wall time of one generated block.",
                                        buckets=BLOCK_BUCKETS, registry=r)
+        self.loop_lag_seconds = Histogram("live_avatar_event_loop_lag_seconds",
+                                          "How much later than asked the event loop woke a 10 ms sleeper.",
+                                          buckets=LAG_BUCKETS, registry=r)
 
     def bind_live(self, read: Callable[[], LiveGauges]) -> None:
         """Register the scrape-time gauges, read through ``read``."""

@@ -14,7 +14,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from aiortc.sdp import SessionDescription
+from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from live.settings import IceServer
 
@@ -105,6 +105,19 @@ class PeerLink:
                 transceiver.direction = "inactive"
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         return self.pc.localDescription.sdp
+
+    async def add_candidate(self, candidate: str, sdp_mid: str | None, sdp_mline_index: int | None) -> None:
+        """Add a trickled remote ICE candidate (``candidate:…`` line); raises ``OfferError`` with the reason when
+        it is malformed or unusable."""
+        try:
+            cand = candidate_from_sdp(candidate.removeprefix("candidate:"))
+        except (ValueError, IndexError) as exc:
+            raise OfferError(f"malformed ICE candidate: {exc}") from None
+        cand.sdpMid, cand.sdpMLineIndex = sdp_mid, sdp_mline_index
+        try:
+            await self.pc.addIceCandidate(cand)
+        except Exception as exc:  # aiortc raises ValueError/InvalidStateError for unusable candidates
+            raise OfferError(f"ICE candidate rejected: {exc}") from None
 
     def drain(self, track: MediaStreamTrack) -> None:
         """Read and discard a remote track we do not use, so its frames never pile up."""

@@ -12,14 +12,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import av
-import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from PIL import Image
 
 from live.engine.worker import EngineHandle, EngineWorker, WorkerBusy, worker_devices
+from live.loop_lag import LoopLagMonitor
 from live.metrics import CounterRate, LiveGauges, ServerMetrics, SessionGauges
-from live.peer import PeerLink
+from live.peer import OfferError, PeerLink
 from live.settings import Settings
+from live.sinks import Sink
 from live.sinks.encoder import SharedAudioEncoder, SharedVideoEncoder
 from live.sinks.rtmp import RtmpPush
 from live.sinks.tracks import (
@@ -30,18 +31,14 @@ from live.sinks.tracks import (
     route_keyframe_requests,
 )
 from live.sinks.vcam import VirtualCamera, VirtualCameraError
-from live.stream.audio_feed import AudioFeed
+from live.stream.audio_feed import INPUT_SLACK_S, AudioFeed
 from live.stream.clock import SessionClock
 from live.stream.output import SessionOutput
 from model.audio_features import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-MIC_GRACE_S = 3.0
-INPUT_SLACK_S = 0.06
-MAX_LEAD_S = 0.2
 OUTPUT_MARGIN_FRAMES = 2
-HISTORY_MARGIN_S = 1.0
 MAX_VIEWERS = 8
 REAP_INTERVAL_S = 0.5
 ENGINE_CLOSE_TIMEOUT_S = 30.0
@@ -88,13 +85,9 @@ class Session:
         self._metrics = manager.metrics
         self._ice_servers = manager.settings.server.ice_servers
         self.clock = SessionClock()
-        self.feed = AudioFeed(
-            fps=eng.fps, push=self._push_audio, generated=lambda: handle.frames_generated,
-            max_backlog=lambda: self._max_backlog(delay_s),
-            history_s=delay_s + MAX_LEAD_S + HISTORY_MARGIN_S, mic_grace_s=MIC_GRACE_S,
-            fill_slack_s=INPUT_SLACK_S, max_lead_s=MAX_LEAD_S, metrics=self._metrics)
+        self.feed = AudioFeed(handle, fps=eng.fps, delay_s=delay_s, metrics=self._metrics)
         self.output = SessionOutput(self.clock, eng.fps, self.feed, eng.ring, eng.width, eng.height, delay_s,
-                                    self._metrics, on_input=handle.worker.wake)
+                                    self._metrics)
         self.video_encoder = SharedVideoEncoder(eng.width, eng.height, eng.fps, manager.settings.output,
                                                 self._metrics, handle.worker.device)
         self.audio_encoder = SharedAudioEncoder()
@@ -119,11 +112,11 @@ class Session:
         loop = asyncio.get_running_loop()
         handle.on_error = lambda exc: loop.call_soon_threadsafe(
             self.spawn, self.close(f"engine error: {exc.__class__.__name__}: {exc}"))
+        self.spawn(self.feed.run(self.clock))
         self.spawn(self.output.run())
-        self.spawn(self.video_encoder.run(self.output))
-        self.spawn(self.audio_encoder.run(self.output))
-        if camera is not None:
-            self.spawn(camera.run(self.output))
+        for sink in (self.video_encoder, self.audio_encoder, camera):
+            if sink is not None:
+                self.add_sink(sink)
 
     # ----- peers ----------------------------------------------------------------------------------------
     async def connect_talker(self, offer_sdp: str) -> str:
@@ -154,6 +147,12 @@ class Session:
             raise
         self.viewers[link.id] = link
         return link, answer
+
+    async def add_talker_candidate(self, candidate: str, sdp_mid: str | None, sdp_mline_index: int | None) -> None:
+        """A trickled ICE candidate of the talker; raises ``OfferError`` when it is malformed or unusable."""
+        if self.talker is None:
+            raise OfferError("no talker connection to add an ICE candidate to")
+        await self.talker.add_candidate(candidate, sdp_mid, sdp_mline_index)
 
     async def remove_viewer(self, viewer_id: str) -> bool:
         """Close one viewer; False if there is no such viewer."""
@@ -196,27 +195,14 @@ class Session:
                 link.touch()
                 for out in resampler.resample(frame):
                     self.feed.add_mic(out.to_ndarray().reshape(-1), self.clock.now())
-                self.handle.worker.wake()
         except MediaStreamError:
             pass
 
-    def _max_backlog(self, delay_s: float) -> int:
-        """Frames of input the engine may have waiting: as many whole blocks as it can generate within the output
-        delay at its current speed (its worker's block time × the engines sharing it), and never less than one
-        block plus lookahead, which normal operation needs."""
-        eng, worker = self.handle.engine, self.handle.worker
-        block_s = worker.block_estimate_s() * max(1, worker.engines)
-        floor = eng.frames_per_block + math.ceil(eng.lookahead_samples / self.feed.samples_per_frame)
-        ceiling = math.ceil(delay_s * eng.fps) + eng.frames_per_block
-        if block_s <= 0:
-            return ceiling
-        return max(floor, min(ceiling, eng.frames_per_block * math.floor(delay_s / block_s)))
-
-    def _push_audio(self, pcm: np.ndarray) -> None:
-        if not self.handle.closing:
-            self.handle.engine.push_audio(pcm)
-
     # ----- control --------------------------------------------------------------------------------------
+    def add_sink(self, sink: Sink) -> None:
+        """Feed this session's output to ``sink`` until the session ends."""
+        self.spawn(sink.run(self.output))
+
     async def start_rtmp(self, url: str) -> dict:
         """Push this session to ``url`` (replacing a running push); raises ``RtmpUrlError`` for a bad URL.
 
@@ -314,6 +300,11 @@ class Session:
             "vcam": self.vcam,
         }
 
+    def stream_info(self) -> dict:
+        """What a peer needs to know of the stream it receives: frame rate, size and output delay."""
+        return {"fps": self.output.fps, "width": self.handle.engine.width, "height": self.handle.engine.height,
+                "latency_s": round(self.output.delay_s, 3)}
+
     def gauges(self) -> SessionGauges:
         """Live values for /metrics."""
         delay = self.output.output_delay_s
@@ -342,8 +333,10 @@ class SessionManager:
         self.workers = [EngineWorker(settings.model_copy(update={"device": d}), metrics)
                         for d in worker_devices(settings)]
         self.sessions: dict[str, Session] = {}
+        self.loop_lag = LoopLagMonitor(metrics.loop_lag_seconds)
         self._starting = 0
         self._reaper: asyncio.Task | None = None
+        self._lag_task: asyncio.Task | None = None
         metrics.bind_live(self.live_gauges)
 
     async def start(self) -> None:
@@ -355,11 +348,13 @@ class SessionManager:
             if isinstance(result, BaseException):
                 log.error("worker %s failed to load the model: %s", worker.device, result)
         self._reaper = asyncio.ensure_future(self._reap_forever())
+        self._lag_task = asyncio.ensure_future(self.loop_lag.run())
 
     async def stop(self) -> None:
         """Close every session and stop the workers."""
-        if self._reaper is not None:
-            self._reaper.cancel()
+        for task in (self._reaper, self._lag_task):
+            if task is not None:
+                task.cancel()
         await asyncio.gather(*(s.close("server shutting down") for s in list(self.sessions.values())),
                              return_exceptions=True)
         await asyncio.gather(*(asyncio.to_thread(w.stop) for w in self.workers))
@@ -379,8 +374,9 @@ class SessionManager:
         self._starting += 1
         try:
             handle = await worker.open(options.image, options.prompt, self.settings.seed)
-        except WorkerBusy:
-            raise
+        except WorkerBusy as exc:
+            self.metrics.sessions_rejected.inc()
+            raise AdmissionError(str(exc)) from None
         except Exception as exc:
             log.exception("engine start failed")
             raise EngineStartError(f"the avatar engine could not start: {exc.__class__.__name__}: {exc}") from exc
@@ -444,7 +440,8 @@ class SessionManager:
     def live_gauges(self) -> LiveGauges:
         """Scrape-time values for /metrics."""
         return LiveGauges(sessions=[s.gauges() for s in self.sessions.values()],
-                          engines_by_device={w.device: w.engines for w in self.workers})
+                          engines_by_device={w.device: w.engines for w in self.workers},
+                          loop_lag_p99_s=self.loop_lag.quantile(0.99))
 
     def health(self) -> dict:
         """The body of GET /health."""
@@ -458,6 +455,7 @@ class SessionManager:
             "model": {"fps": s.video.fps, "size_area": s.video.size_area, "steps": s.stream.steps,
                       "weights": str(s.checkpoint_dir or s.weights or "random")},
             "max_sessions": s.server.max_sessions,
+            "event_loop_lag_p99_ms": round(self.loop_lag.quantile(0.99) * 1000, 2),
             "workers": [{"device": w.device, "ready": w.ready, "engines": w.engines,
                          "block_s": round(w.block_estimate_s(), 4),
                          **({"error": str(w.load_error)} if w.load_error is not None else {})}

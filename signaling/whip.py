@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from live.engine.worker import WorkerBusy
 from live.peer import MAX_SDP_BYTES, OfferError, parse_offer
 from live.session import AdmissionError, EngineStartError
 
@@ -30,7 +29,7 @@ async def publish(request: web.Request) -> web.Response:
         return error_response(400, str(exc))
     try:
         session = await state.manager.create("whip", options)
-    except (AdmissionError, WorkerBusy) as exc:
+    except AdmissionError as exc:
         return error_response(503, str(exc), {"Retry-After": str(RETRY_AFTER_S)})
     except EngineStartError as exc:
         return error_response(500, str(exc))

@@ -23,10 +23,8 @@ import logging
 from typing import Annotated, Literal, Union
 
 from aiohttp import WSMsgType, web
-from aiortc.sdp import candidate_from_sdp
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from live.engine.worker import WorkerBusy
 from live.peer import MAX_SDP_BYTES, OfferError, parse_offer
 from live.session import AdmissionError, EngineStartError, Session
 from live.sinks.rtmp import MAX_URL_CHARS, RtmpUrlError, check_url
@@ -163,7 +161,7 @@ class _Connection:
             return
         try:
             session = await self.state.manager.create("ws", options)
-        except (AdmissionError, WorkerBusy, EngineStartError) as exc:
+        except (AdmissionError, EngineStartError) as exc:
             await self.error(str(exc))
             return
         try:
@@ -175,8 +173,7 @@ class _Connection:
         self.session = session
         await self.send({
             "type": "answer", "sdp": answer, "session_id": session.id, "view_url": f"/view/{session.id}",
-            "fps": session.output.fps, "width": session.handle.engine.width,
-            "height": session.handle.engine.height, "latency_s": round(session.output.delay_s, 3),
+            **session.stream_info(),
         })
         if rtmp_url is not None:
             await session.start_rtmp(rtmp_url)
@@ -189,15 +186,9 @@ class _Connection:
         if not msg.candidate:
             return
         try:
-            cand = candidate_from_sdp(msg.candidate.removeprefix("candidate:"))
-        except (ValueError, IndexError) as exc:
-            await self.error(f"malformed ICE candidate: {exc}")
-            return
-        cand.sdpMid, cand.sdpMLineIndex = msg.sdpMid, msg.sdpMLineIndex
-        try:
-            await self.session.talker.pc.addIceCandidate(cand)
-        except Exception as exc:  # aiortc raises ValueError/InvalidStateError for unusable candidates
-            await self.error(f"ICE candidate rejected: {exc}")
+            await self.session.add_talker_candidate(msg.candidate, msg.sdpMid, msg.sdpMLineIndex)
+        except OfferError as exc:
+            await self.error(str(exc))
 
     async def prompt(self, msg: PromptMessage) -> None:
         if self.session is None:

@@ -23,6 +23,7 @@ from live.settings import Settings
 from live.stream.audio_window import AudioWindow
 from live.stream.frame_ring import FrameRing
 from model.audio_features import SAMPLE_RATE, WAV2VEC_HOP, FrameAudioFeatures
+from model.dit import AudioTokens
 from model.stack import ModelStack
 from model.vae import StreamingVAEDecoder, encode_video, to_uint8_frames
 
@@ -81,18 +82,26 @@ class StreamEngine:
         """Encode the reference, prefill the sink, prime the VAE cache and allocate the ring."""
         st, s = self.stack, self.stack.settings
         ref_latent, motion_latents = self._encode_reference(image)
-        dit_cfg = st.dit.config
-        self._text_kv = self._encode_prompt(prompt)
-        self.caches = st.dit.new_caches(s.stream.steps, *ref_latent.shape[-2:], device=st.device, dtype=st.dtype)
-        st.dit.prefill_sink(self.caches, ref_latent, motion_latents, self._text_kv)
-        self._motion_latents = motion_latents
-        self._refresh_at = dit_cfg.kv_cache_frames // dit_cfg.frames_per_block if s.stream.refresh_sink else None
+        self.prefill(ref_latent, motion_latents, self._encode_prompt(prompt))
         self.decoder = StreamingVAEDecoder(st.vae)
         self.decoder.reset()
         warm = s.stream.vae_warmup_latents
         if warm:
             self.decoder.decode(motion_latents[:, :, :warm])
         self._open_stream_io()
+
+    @torch.no_grad()
+    def prefill(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor,
+                text_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The model half of :meth:`start`: allocate the KV rings and fill the sink from the reference latent
+        ``[1,16,1,h,w]``, the motion latents and the prompt's per-layer text K/V."""
+        st, s = self.stack, self.stack.settings
+        dit_cfg = st.dit.config
+        self._text_kv = text_kv
+        self.caches = st.dit.new_caches(s.stream.steps, *ref_latent.shape[-2:], device=st.device, dtype=st.dtype)
+        st.dit.prefill_sink(self.caches, ref_latent, motion_latents, text_kv)
+        self._motion_latents = motion_latents
+        self._refresh_at = dit_cfg.kv_cache_frames // dit_cfg.frames_per_block if s.stream.refresh_sink else None
 
     def _encode_reference(self, image: Image.Image | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Fix the generation size from the image and VAE-encode it: (reference latent [1,16,1,h,w], motion
@@ -179,16 +188,8 @@ class StreamEngine:
         window_start = block.index * self.samples_per_block - block.block_offset
         feats = self._features(block.samples, window_start, first_frame, self.frames_per_block)
         audio = st.dit.encode_audio(feats.to(st.device, st.dtype))
-        x = torch.randn(self._latent_shape, generator=self._generator, device=st.device, dtype=torch.float32)
-        block_start = block.index * self._latent_shape[2]
-        if block.index == self._refresh_at:
-            st.dit.prefill_sink(self.caches, self._first_latent, self._motion_latents, self._text_kv)
-        for i in range(st.schedule.steps):
-            t = st.schedule.timestep(i, st.device)
-            v = st.dit.forward_block(x.to(st.dtype), t, audio, self._text_kv, self.caches, i, block_start)
-            x = st.schedule.euler_step(x, v, i)
-        if block.index == 0:
-            self._first_latent = x[:, :, :1].to(st.dtype)
+        noise = torch.randn(self._latent_shape, generator=self._generator, device=st.device, dtype=torch.float32)
+        x = self.denoise(block.index, audio, noise)
         produced = self._finish_decode()
         latents = x.to(st.dtype)
         drop = self.drop_first if block.index == 0 else 0
@@ -204,6 +205,24 @@ class StreamEngine:
             self.blocks_done += 1
             self.frames_emitted += count
         return produced
+
+    @torch.no_grad()
+    def denoise(self, index: int, audio: AudioTokens, noise: torch.Tensor) -> torch.Tensor:
+        """Block ``index``'s clean latents (float32) from its audio tokens and noise: the sink is refreshed when
+        the ring first wraps (Live Avatar's rolling sink, from block 0's first latent), then every denoising
+        step attends [sink | its KV ring] at the block's absolute positions."""
+        st = self.stack
+        block_start = index * st.dit.config.frames_per_block
+        if index == self._refresh_at:
+            st.dit.prefill_sink(self.caches, self._first_latent, self._motion_latents, self._text_kv)
+        x = noise
+        for i in range(st.schedule.steps):
+            t = st.schedule.timestep(i, st.device)
+            v = st.dit.forward_block(x.to(st.dtype), t, audio, self._text_kv, self.caches, i, block_start)
+            x = st.schedule.euler_step(x, v, i)
+        if index == 0:
+            self._first_latent = x[:, :, :1].to(st.dtype)
+        return x
 
     def _decode(self, latents: torch.Tensor, drop: int) -> int:
         """Decode one block's latents into the ring (dropping its first ``drop`` frames); returns frames put."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
@@ -20,6 +21,7 @@ from live.engine.pipeline import PipelineEngine
 from live.engine.stream import ProfileStack, StreamEngine
 from live.metrics import ServerMetrics
 from live.settings import Settings
+from model.audio_features import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,26 @@ class EngineHandle:
         """Ask the worker to close the engine and free its caches (thread-safe, idempotent); see ``closed``."""
         self.closing = True
         self.worker.wake()
+
+    @property
+    def frames_per_block(self) -> int:
+        """Video frames of one block."""
+        return self.engine.frames_per_block
+
+    @property
+    def lookahead_frames(self) -> int:
+        """Video frames of audio the engine needs beyond a block before it can generate that block."""
+        return math.ceil(self.engine.lookahead_samples * self.engine.fps / SAMPLE_RATE)
+
+    def push_audio(self, pcm: np.ndarray) -> None:
+        """Hand 16 kHz mono float32 audio to the engine (dropped once closing) and wake the worker."""
+        if not self.closing:
+            self.engine.push_audio(pcm)
+            self.worker.wake()
+
+    def block_time_s(self) -> float:
+        """Pessimistic wall time of one block of this engine: its worker's block time × the engines it serves."""
+        return self.worker.block_estimate_s() * max(1, self.worker.engines)
 
 
 @dataclass

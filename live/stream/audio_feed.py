@@ -1,16 +1,44 @@
-"""The session's input timeline: mic audio at 16 kHz mono, silence when none arrives, fed to the engine."""
+"""The session's input timeline: mic audio at 16 kHz mono, silence when none arrives, fed to the engine.
+
+This module is the whole input back-pressure policy: what is dropped when the mic runs ahead of the clock, what is
+filled when it falls behind, and which frames are withheld when the engine cannot show them in time.
+"""
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from live.metrics import ServerMetrics
+from live.stream.clock import SessionClock
 from model.audio_features import SAMPLE_RATE
+
+MIC_GRACE_S = 3.0
+INPUT_SLACK_S = 0.06
+MAX_LEAD_S = 0.2
+HISTORY_MARGIN_S = 1.0
+
+
+class EngineInput(Protocol):
+    """The engine as the feed sees it (a worker's ``EngineHandle``): where input goes, how far generation has
+    got, and how long one of its blocks takes now."""
+
+    frames_per_block: int
+    lookahead_frames: int
+
+    @property
+    def frames_generated(self) -> int:
+        """Video frames the engine has produced so far."""
+
+    def push_audio(self, pcm: np.ndarray) -> None:
+        """Hand 16 kHz mono float32 audio to the engine and wake its worker."""
+
+    def block_time_s(self) -> float:
+        """Pessimistic wall time of one block of this engine now, its worker's other engines included."""
 
 
 @dataclass
@@ -27,39 +55,30 @@ class AudioFeed:
 
     Timeline sample 0 is the first mic sample (or, if no mic audio arrives within ``mic_grace_s``, silence from
     then on); its clock time is :attr:`origin`. Mic audio is appended as it arrives; when the mic is late by more
-    than ``fill_slack_s`` the gap is filled with silence, so the engine keeps producing idle motion; audio that
-    would run more than ``max_lead_s`` ahead of the clock is dropped, so latency cannot creep up.
+    than ``fill_slack_s`` the gap is filled with silence (by :meth:`run`, once per video frame), so the engine
+    keeps producing idle motion; audio that would run more than ``max_lead_s`` ahead of the clock is dropped, so
+    latency cannot creep up.
 
     The engine receives the timeline in whole video frames. A frame is withheld from the engine when the engine
-    already has ``max_backlog()`` frames of input waiting (it could not show this one in time anyway): the output
-    repeats a frame there instead of the delay growing, and the engine spends its time on audio it can still
-    show. :meth:`engine_frame` maps timeline frames to engine frames.
+    already has :meth:`max_backlog` frames of input waiting (it could not show this one within ``delay_s``
+    anyway): the output repeats a frame there instead of the delay growing, and the engine spends its time on
+    audio it can still show. :meth:`engine_frame` maps timeline frames to engine frames.
 
     The recent timeline stays readable through :meth:`read` for the delayed output audio. Memory is
-    O(``history_s``), whatever the session length.
+    O(``delay_s``), whatever the session length.
     """
 
-    def __init__(
-        self,
-        *,
-        fps: int,
-        push: Callable[[np.ndarray], None],
-        generated: Callable[[], int],
-        max_backlog: Callable[[], int],
-        history_s: float,
-        mic_grace_s: float,
-        fill_slack_s: float,
-        max_lead_s: float,
-        metrics: ServerMetrics,
-    ) -> None:
-        """Configure the timeline; ``push`` hands audio to the engine, ``generated`` counts its frames so far."""
+    def __init__(self, engine: EngineInput, *, fps: int, delay_s: float, metrics: ServerMetrics,
+                 mic_grace_s: float = MIC_GRACE_S, fill_slack_s: float = INPUT_SLACK_S,
+                 max_lead_s: float = MAX_LEAD_S) -> None:
+        """Feed ``engine`` at ``fps`` video frames per second for an output that trails the input by ``delay_s``."""
         if SAMPLE_RATE % fps:
             raise ValueError(f"fps {fps} does not divide {SAMPLE_RATE} Hz into whole samples per frame")
         self.samples_per_frame = SAMPLE_RATE // fps
-        self._push = push
-        self._generated = generated
-        self._max_backlog = max_backlog
-        self._history = np.zeros(math.ceil(history_s * SAMPLE_RATE), np.float32)
+        self.fps = fps
+        self.delay_s = delay_s
+        self._engine = engine
+        self._history = np.zeros(math.ceil((delay_s + max_lead_s + HISTORY_MARGIN_S) * SAMPLE_RATE), np.float32)
         self._grace = mic_grace_s
         self._slack = round(fill_slack_s * SAMPLE_RATE)
         self._max_lead = round(max_lead_s * SAMPLE_RATE)
@@ -72,6 +91,25 @@ class AudioFeed:
         self.withheld_frames = 0
         self._frame_to_engine = False
         self._runs: deque[_Run] = deque()
+
+    async def run(self, clock: SessionClock) -> None:
+        """Fill silence where the mic is late, once per video frame, until cancelled."""
+        n = math.floor(clock.now() * self.fps) + 1
+        while True:
+            await clock.sleep_until(n / self.fps)
+            self.fill(clock.now())
+            n = max(n + 1, math.floor(clock.now() * self.fps) + 1)
+
+    def max_backlog(self) -> int:
+        """Frames of input the engine may have waiting: as many whole blocks as it can generate within the output
+        delay at its current speed, and never less than one block plus lookahead, which normal operation needs."""
+        eng = self._engine
+        block_s = eng.block_time_s()
+        floor = eng.frames_per_block + eng.lookahead_frames
+        ceiling = math.ceil(self.delay_s * self.fps) + eng.frames_per_block
+        if block_s <= 0:
+            return ceiling
+        return max(floor, min(ceiling, eng.frames_per_block * math.floor(self.delay_s / block_s)))
 
     def add_mic(self, pcm: np.ndarray, now: float) -> None:
         """Append mic audio (float32 mono 16 kHz) that arrived at clock time ``now``."""
@@ -137,12 +175,12 @@ class AudioFeed:
             cap = self._history.shape[0]
             self._history[np.arange(self.written, self.written + take) % cap] = piece
             if self._frame_to_engine:
-                self._push(piece)
+                self._engine.push_audio(piece)
             self.written += take
             pos += take
 
     def _begin_frame(self, frame: int) -> None:
-        if self.engine_frames - self._generated() >= self._max_backlog():
+        if self.engine_frames - self._engine.frames_generated >= self.max_backlog():
             self._frame_to_engine = False
             self.withheld_frames += 1
             self._metrics.audio_dropped_seconds.inc(self.samples_per_frame / SAMPLE_RATE)

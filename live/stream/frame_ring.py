@@ -15,9 +15,15 @@ class RingClosed(RuntimeError):
 class FrameRing:
     """Fixed-capacity FIFO of uint8 RGB frames, preallocated once as ``[capacity, H, W, 3]`` on ``device``.
 
-    Thread-safe. ``put`` waits while the ring is full (back-pressure on the engine); ``get`` hands out CPU copies
-    so a slot can be reused at once. Memory is O(capacity) for the life of a session; only counters grow.
-    After ``close()`` puts fail, while gets still drain queued frames and then raise ``RingClosed``.
+    Thread-safe, for one producer and any consumers. ``put`` waits while the ring is full (back-pressure on the
+    engine); ``get`` hands out CPU copies so a slot can be reused at once. Memory is O(capacity) for the life of a
+    session; only counters grow. After ``close()`` puts fail, while gets still drain queued frames and then raise
+    ``RingClosed``.
+
+    The lock is never held while waiting on a GPU: ``put`` reserves free slots under the lock, copies into them
+    and waits for the copy outside it, then publishes them; a CUDA ring's ``get`` copies one frame to the host on
+    a stream of its own, so the consumer (the event loop) waits for that copy only, never for the model's queued
+    kernels.
     """
 
     def __init__(self, capacity: int, height: int, width: int, device: torch.device | str = "cpu") -> None:
@@ -28,6 +34,10 @@ class FrameRing:
         self._capacity = capacity
         self._head = 0  # slot of the oldest queued frame
         self._size = 0
+        self._reserved = 0  # slots after the queued frames that a put is copying into (not yet readable)
+        cuda = self._storage.is_cuda
+        self._read_stream = torch.cuda.Stream(self._storage.device) if cuda else None
+        self._host = torch.empty((height, width, 3), dtype=torch.uint8, pin_memory=cuda)
         self._written = 0
         self._read = 0
         self._dropped = 0
@@ -95,11 +105,12 @@ class FrameRing:
         self._validate(frames)
         deadline = None if timeout is None else time.monotonic() + timeout
         done = 0
-        with self._not_full:
-            if self._closed:
-                raise RingClosed("frame ring is closed; it accepts no more frames")
-            while done < frames.shape[0]:
-                while self._size == self._capacity and not self._closed:
+        while done < frames.shape[0]:
+            with self._not_full:
+                if self._closed:
+                    raise RingClosed(f"frame ring is closed; it accepts no more frames ({done} of "
+                                     f"{frames.shape[0]} were queued)")
+                while self._free() == 0 and not self._closed:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise TimeoutError(
@@ -109,10 +120,19 @@ class FrameRing:
                     self._not_full.wait(remaining)
                 if self._closed:
                     raise RingClosed(f"frame ring closed after {done} of {frames.shape[0]} frames were queued")
-                done += self._copy_in(frames[done:])
-                if self._storage.is_cuda:  # readers copy on their own stream: the frames must be there first
-                    torch.cuda.current_stream(self._storage.device).synchronize()
-                self._not_empty.notify_all()
+                count = min(frames.shape[0] - done, self._free())
+                start = (self._head + self._size) % self._capacity
+                self._reserved = count
+            self._copy_in(frames[done:done + count], start)
+            if self._storage.is_cuda:  # readers copy on their own stream: the frames must be there first
+                torch.cuda.current_stream(self._storage.device).synchronize()
+            with self._not_full:
+                self._reserved = 0
+                if not self._closed:
+                    self._size += count
+                    self._written += count
+                    self._not_empty.notify_all()
+            done += count
 
     def get(self, timeout: float | None = None) -> torch.Tensor | None:
         """Remove and return the oldest frame as a CPU uint8 ``[H, W, 3]`` copy, waiting up to ``timeout`` seconds.
@@ -156,17 +176,16 @@ class FrameRing:
                 f"frames must be [n, {', '.join(map(str, self.frame_shape))}], got {tuple(frames.shape)}"
             )
 
-    def _copy_in(self, frames: torch.Tensor) -> int:
-        """Copy as many leading ``frames`` as fit into free slots (at most two contiguous runs); lock held."""
-        count = min(frames.shape[0], self._capacity - self._size)
-        start = (self._head + self._size) % self._capacity
+    def _free(self) -> int:
+        return self._capacity - self._size - self._reserved
+
+    def _copy_in(self, frames: torch.Tensor, start: int) -> None:
+        """Copy ``frames`` into the reserved slots from ``start`` (at most two contiguous runs); lock not held."""
+        count = frames.shape[0]
         first = min(count, self._capacity - start)
         self._storage[start : start + first].copy_(frames[:first])
         if count > first:
             self._storage[: count - first].copy_(frames[first:count])
-        self._size += count
-        self._written += count
-        return count
 
     def _take(self) -> torch.Tensor | None:
         """Pop the oldest frame as a CPU copy; None if empty and open, ``RingClosed`` if empty and closed."""
@@ -174,7 +193,13 @@ class FrameRing:
             if self._closed:
                 raise RingClosed("frame ring closed and drained")
             return None
-        frame = self._storage[self._head].to("cpu", copy=True)
+        if self._read_stream is None:
+            frame = self._storage[self._head].clone()
+        else:
+            with torch.cuda.stream(self._read_stream):
+                self._host.copy_(self._storage[self._head], non_blocking=True)
+                self._read_stream.synchronize()
+            frame = self._host.clone()
         self._head = (self._head + 1) % self._capacity
         self._size -= 1
         self._read += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import numpy as np
 
@@ -56,7 +56,7 @@ class SessionOutput(VideoSource):
     """
 
     def __init__(self, clock: SessionClock, fps: int, feed: AudioFeed, ring: FrameRing, width: int, height: int,
-                 delay_s: float, metrics: ServerMetrics, on_input: Callable[[], None]) -> None:
+                 delay_s: float, metrics: ServerMetrics) -> None:
         """Pump ``ring`` at ``fps`` on ``clock``; the output trails the input timeline by at least ``delay_s``."""
         self.clock = clock
         self.fps = fps
@@ -64,7 +64,6 @@ class SessionOutput(VideoSource):
         self._feed = feed
         self._ring = ring
         self._metrics = metrics
-        self._on_input = on_input
         self._preroll = np.empty((height, width, 3), np.uint8)
         self._preroll[:] = PREROLL_RGB
         self._last = self._preroll
@@ -96,8 +95,6 @@ class SessionOutput(VideoSource):
         while not self._closed:
             await self.clock.sleep_until(n / self.fps)
             n = max(n, math.floor(self.clock.now() * self.fps))
-            if self._feed.fill(self.clock.now()):
-                self._on_input()
             try:
                 frame = self._due_frame(n)
             except RingClosed:

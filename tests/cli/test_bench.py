@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 from cli.main import main
@@ -20,9 +19,3 @@ def test_bench_tiny_prints_table_and_command(capsys):
     assert float(row[3]) > 0 and float(row[6]) > 0
     assert "`live-avatar bench --config configs/tiny.yaml --blocks 2 --warmup 1`" in out
 
-
-def test_bench_server_mode_without_latency_module_says_so(capsys):
-    if importlib.util.find_spec("cli.latency_bench") is not None:
-        return  # the real server bench exists; it has its own tests
-    assert main(["bench", "--config", "configs/tiny.yaml", "--server", "--seconds", "1"]) == 2
-    assert "server latency bench not available" in capsys.readouterr().out

@@ -193,3 +193,28 @@ def test_ring_on_cuda_accepts_gpu_frames_and_returns_cpu_frames():
     ring.put(_frames(0, 3).cuda()[:2])
     assert ring.storage.device.type == "cuda"
     assert _seq(ring.get()) == 0 and ring.get().device.type == "cpu"
+
+
+def test_put_copies_and_waits_for_the_copy_without_holding_the_lock():
+    """The consumer (the event loop) reads the ring's size while a put is still copying its frames in: the lock
+    is never held across the copy (on a GPU, across the wait for it)."""
+    ring = FrameRing(8, H, W)
+    copying, release = threading.Event(), threading.Event()
+    copy_in = ring._copy_in
+
+    def slow_copy(frames: torch.Tensor, start: int) -> None:
+        copying.set()
+        release.wait(JOIN_S)
+        copy_in(frames, start)
+
+    ring._copy_in = slow_copy
+    producer, errors = _start(ring.put, _frames(0, 3))
+    assert copying.wait(JOIN_S)
+    reader, read_errors = _start(lambda: (len(ring), ring.get_nowait()))
+    reader.join(JOIN_S)
+    assert not reader.is_alive(), "len()/get_nowait() waited for the producer's copy"
+    assert len(ring) == 0  # reserved slots are not readable before the copy is done
+    release.set()
+    producer.join(JOIN_S)
+    assert not errors and not read_errors
+    assert [_seq(ring.get_nowait()) for _ in range(3)] == [0, 1, 2]

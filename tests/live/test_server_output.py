@@ -30,16 +30,33 @@ def _timeline(seconds: float) -> np.ndarray:
     return (np.arange(int(seconds * SAMPLE_RATE)) % 30000 / 30000).astype(np.float32)
 
 
+class _Engine:
+    """The engine's side of the feed, played by the test: it keeps what is pushed and counts what it made."""
+
+    frames_per_block = BLOCK
+    lookahead_frames = 0
+
+    def __init__(self) -> None:
+        self.pushed: list[np.ndarray] = []
+        self.frames_generated = 0
+
+    def push_audio(self, pcm: np.ndarray) -> None:
+        self.pushed.append(pcm)
+
+    def block_time_s(self) -> float:
+        return 0.0
+
+
 async def test_video_repeats_when_late_and_audio_keeps_its_clock():
     clock = SessionClock()
     metrics = ServerMetrics()
     ring = FrameRing(48, 8, 8)
-    pushed: list[np.ndarray] = []
-    produced = [0]
-    feed = AudioFeed(fps=FPS, push=pushed.append, generated=lambda: produced[0], max_backlog=lambda: 200,
-                     history_s=10, mic_grace_s=5, fill_slack_s=0.06, max_lead_s=0.2, metrics=metrics)
-    output = SessionOutput(clock, FPS, feed, ring, 8, 8, delay_s=0.3, metrics=metrics, on_input=lambda: None)
+    produced = _Engine()
+    # The feed's delay is generous so that it withholds nothing: lateness here must show as repeats.
+    feed = AudioFeed(produced, fps=FPS, delay_s=10, metrics=metrics, mic_grace_s=5)
+    output = SessionOutput(clock, FPS, feed, ring, 8, 8, delay_s=0.3, metrics=metrics)
     pump = asyncio.ensure_future(output.run())
+    filler = asyncio.ensure_future(feed.run(clock))
     pcm = _timeline(4.0)
 
     async def mic() -> None:
@@ -56,7 +73,7 @@ async def test_video_repeats_when_late_and_audio_keeps_its_clock():
                 await asyncio.sleep(1.0)
             frames = torch.arange(b * BLOCK, (b + 1) * BLOCK, dtype=torch.uint8)[:, None, None, None]
             ring.put(frames.expand(BLOCK, 8, 8, 3).contiguous())
-            produced[0] += BLOCK
+            produced.frames_generated += BLOCK
 
     shown: list[tuple[int, int]] = []
     audio: list[tuple[int, np.ndarray]] = []
@@ -73,7 +90,7 @@ async def test_video_repeats_when_late_and_audio_keeps_its_clock():
     tasks = [asyncio.ensure_future(mic()), asyncio.ensure_future(engine())]
     await asyncio.wait_for(sink(), 30)
     output.close()
-    for t in (*tasks, pump):
+    for t in (*tasks, pump, filler):
         t.cancel()
 
     k = output.offset_frames

@@ -76,7 +76,13 @@ async def test_talker_and_three_whep_viewers_share_one_encode(server_url, speech
 
         await wait_until(all_consuming, 20, "four consumers of the encoded video")
         first = await get_text(server_url + "/metrics")
-        await asyncio.sleep(WATCH_S)
+        sent_before = _series(first, "live_avatar_session_frames_sent_total", session_id)
+
+        async def watched() -> bool:
+            metrics = await get_text(server_url + "/metrics")
+            return _series(metrics, "live_avatar_session_frames_sent_total", session_id) - sent_before >= WATCH_S * 25
+
+        await wait_until(watched, 60, f"{WATCH_S * 25} more frames published")
         last = await get_text(server_url + "/metrics")
         stopped = time.time()
         assert _series(last, "live_avatar_video_consumers", session_id) == VIEWERS + 1
@@ -149,9 +155,13 @@ async def test_a_receivers_picture_loss_indication_makes_the_shared_encoder_send
         await wait_until(arrived, 30, "video to arrive")
         assert encoder.keyframes == 1  # the one the new sender asked for; the regular interval is 60 s
         ssrc = transceiver.sender._ssrc
-        for _ in range(3):
+        for expected in (2, 3, 4):
             await receiver.getTransceivers()[0].receiver._send_rtcp_pli(ssrc)
-            await asyncio.sleep(0.6)
+
+            async def served(expected: int = expected) -> bool:
+                return encoder.keyframes >= expected
+
+            await wait_until(served, 10, f"keyframe {expected} after a PLI")
         assert encoder.keyframes == 4
     finally:
         await asyncio.gather(sender.close(), receiver.close())

@@ -32,6 +32,18 @@ async def test_metrics_expose_prometheus_series(server_url):
         assert f"# TYPE {family} gauge" in text, family
 
 
+async def test_event_loop_lag_is_measured_and_reported(server_url):
+    async def sampled() -> bool:
+        text = await get_text(server_url + "/metrics")
+        count = next(float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith("live_avatar_event_loop_lag_seconds_count"))
+        return count > 0 and "live_avatar_event_loop_lag_p99_seconds " in text
+
+    await wait_until(sampled, 10, "event-loop lag samples")
+    health = await get_json(server_url + "/health")
+    assert health["event_loop_lag_p99_ms"] >= 0
+
+
 @pytest.mark.parametrize(("path", "marker"), [
     ("/", 'id="start"'),
     ("/view/any-session", 'class="viewer"'),
