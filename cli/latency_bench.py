@@ -53,7 +53,8 @@ def run_latency_bench(settings: Settings, seconds: float) -> dict:
         wav = _speech_wav(Path(tmp), seconds)
         result = asyncio.run(talk(url, wav, seconds=seconds))
         with urllib.request.urlopen(url + "/health") as resp:
-            worker = json.loads(resp.read())["workers"][0]
+            health = json.loads(resp.read())
+    worker = health["workers"][0]
     report = result.report
     stats = [m for m in result.server_messages if m.get("type") == "stats"]
     last = stats[-1] if stats else {}
@@ -74,4 +75,5 @@ def run_latency_bench(settings: Settings, seconds: float) -> dict:
         "frames repeated / sent (server)": f"{last.get('frames_repeated')} / {last.get('frames_sent')}",
         "silence inserted s (late mic packets)": last.get("silence_filled_s"),
         "input withheld from a late engine, frames": last.get("frames_withheld"),
+        "event-loop lag p99 ms (server, last minute)": health.get("event_loop_lag_p99_ms"),
     }

@@ -25,7 +25,7 @@ if [ ! -f "$STAMP" ]; then
   "$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   "$VPY" -c 'import torch' 2>/dev/null || "$VPY" -m pip install -q "$TORCH_SPEC"
   if [ "$WANT_TEST" = "test" ]; then
-    "$VPY" -m pip install -q -e ".[test]"
+    "$VPY" -m pip install -q -e ".[test,dev]"
   else
     "$VPY" -m pip install -q -e .
   fi
