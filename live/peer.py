@@ -116,7 +116,7 @@ class PeerLink:
         cand.sdpMid, cand.sdpMLineIndex = sdp_mid, sdp_mline_index
         try:
             await self.pc.addIceCandidate(cand)
-        except Exception as exc:  # aiortc raises ValueError/InvalidStateError for unusable candidates
+        except Exception as exc:  # noqa: BLE001 - aiortc raises ValueError/InvalidStateError for bad candidates
             raise OfferError(f"ICE candidate rejected: {exc}") from None
 
     def drain(self, track: MediaStreamTrack) -> None:

@@ -15,6 +15,7 @@ import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from PIL import Image
 
+from live.engine.calibration import sessions_per_worker
 from live.engine.worker import EngineHandle, EngineWorker, WorkerBusy, worker_devices
 from live.loop_lag import LoopLagMonitor
 from live.metrics import CounterRate, LiveGauges, ServerMetrics, SessionGauges
@@ -302,8 +303,11 @@ class Session:
 
     def stream_info(self) -> dict:
         """What a peer needs to know of the stream it receives: frame rate, size and output delay."""
+        choice = self.handle.worker.realtime
         return {"fps": self.output.fps, "width": self.handle.engine.width, "height": self.handle.engine.height,
-                "latency_s": round(self.output.delay_s, 3)}
+                "latency_s": round(self.output.delay_s, 3),
+                "realtime": None if choice is None else {"size_area": choice.size_area, "sustains": choice.sustains,
+                                                         "fps_capacity": round(choice.fps_capacity, 1)}}
 
     def gauges(self) -> SessionGauges:
         """Live values for /metrics."""
@@ -330,8 +334,10 @@ class SessionManager:
         """One worker per device of ``settings``; nothing starts until :meth:`start`."""
         self.settings = settings
         self.metrics = metrics
-        self.workers = [EngineWorker(settings.model_copy(update={"device": d}), metrics)
-                        for d in worker_devices(settings)]
+        devices = worker_devices(settings)
+        sessions = sessions_per_worker(settings.server.max_sessions, len(devices))
+        self.workers = [EngineWorker(settings.model_copy(update={"device": d}), metrics, sessions=sessions)
+                        for d in devices]
         self.sessions: dict[str, Session] = {}
         self.loop_lag = LoopLagMonitor(metrics.loop_lag_seconds)
         self._starting = 0
@@ -458,6 +464,8 @@ class SessionManager:
             "event_loop_lag_p99_ms": round(self.loop_lag.quantile(0.99) * 1000, 2),
             "workers": [{"device": w.device, "ready": w.ready, "engines": w.engines,
                          "block_s": round(w.block_estimate_s(), 4),
+                         "realtime": (w.realtime.as_dict() if w.realtime is not None
+                                      else {"mode": s.video.realtime, "size_area": s.video.size_area}),
                          **({"error": str(w.load_error)} if w.load_error is not None else {})}
                         for w in self.workers],
             "sessions": [sess.info() for sess in self.sessions.values()],

@@ -23,6 +23,13 @@ CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 
 
+def check_area(value: str) -> str:
+    """An upstream area ``'W*H'`` (positive integers), or a ValueError saying what it should look like."""
+    if not re.fullmatch(r"[1-9]\d*\*[1-9]\d*", value):
+        raise ValueError(f"an area looks like '720*400', got {value!r}")
+    return value
+
+
 class VideoSettings(BaseModel):
     """Output video geometry and rate."""
 
@@ -32,6 +39,25 @@ class VideoSettings(BaseModel):
                            "aspect ratio under this pixel area with both sides multiples of `size_multiple`.")
     size_multiple: int = 64
     fps: int = 25
+    realtime: Literal["off", "auto"] = Field("off", description="'auto': at start-up each worker measures the block "
+                                             "time at each of `realtime_sizes` (largest first) and generates at the "
+                                             "largest that sustains fps × (1 + realtime_margin) for its share of "
+                                             "max_sessions (size_area is then ignored); 'off': size_area, pinned.")
+    realtime_sizes: list[str] = Field(["720*400", "688*368", "640*360", "384*256"], min_length=1,
+                                      description="Candidate areas for realtime: auto, largest first.")
+    realtime_margin: float = Field(0.10, ge=0, description="Head-room over fps that a size must sustain.")
+    calibration_cache: Path | None = Field(None, description="JSON file of measured block times per device, torch "
+                                           "version and settings; None = ~/.cache/live-avatar/calibration.json.")
+
+    @field_validator("size_area")
+    @classmethod
+    def _area(cls, value: str) -> str:
+        return check_area(value)
+
+    @field_validator("realtime_sizes")
+    @classmethod
+    def _areas(cls, values: list[str]) -> list[str]:
+        return [check_area(v) for v in values]
 
 
 class StreamSettings(BaseModel):

@@ -1,10 +1,10 @@
 """The streaming engine: one class that turns a reference image, a prompt and a live audio stream into frames.
 
-A :class:`~model.stack.ModelStack` holds the models (loaded once per device by :meth:`ProfileStack.from_settings`, shared by
-every session on it). :class:`StreamEngine` holds one stream's state — KV caches, sink, VAE decode cache, audio window, noise
-generator and frame ring — and produces one block (``frames_per_block`` latent frames → 12 video frames)
-per :meth:`StreamEngine.generate_block` call. The server's worker thread and the offline renderer both drive
-this class; there is no second pipeline.
+A :class:`ProfileStack` (a :class:`~model.stack.ModelStack` with its profile) holds the models, loaded once per
+device and shared by every session on it. :class:`StreamEngine` holds one stream's state — KV caches, sink, VAE
+decode cache, audio window, noise generator and frame ring — and produces one block (``frames_per_block`` latent
+frames → 12 video frames) per :meth:`StreamEngine.generate_block` call. The server's worker thread and the
+offline renderer both drive this class; there is no second pipeline.
 """
 
 from __future__ import annotations

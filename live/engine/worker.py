@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from live.engine.calibration import RealtimeChoice, cache_for, calibrate, with_size
 from live.engine.pipeline import PipelineEngine
 from live.engine.stream import ProfileStack, StreamEngine
 from live.metrics import ServerMetrics
@@ -93,13 +94,16 @@ class EngineWorker:
     ring and one slow consumer cannot stall the other sessions.
     """
 
-    def __init__(self, settings: Settings, metrics: ServerMetrics, max_pending: int = 8) -> None:
-        """Prepare a worker for ``settings.device``; :meth:`start` launches the thread."""
+    def __init__(self, settings: Settings, metrics: ServerMetrics, max_pending: int = 8, sessions: int = 1) -> None:
+        """Prepare a worker for ``settings.device`` that may hold ``sessions`` sessions at once (what
+        ``realtime: auto`` sizes for); :meth:`start` launches the thread."""
         self.settings = settings
         self.device = settings.device
         self.metrics = metrics
+        self.sessions = sessions
         self.load_error: BaseException | None = None
         self.warmup_block_s: float | None = None
+        self.realtime: RealtimeChoice | None = None
         self._opens: queue.Queue[_Open] = queue.Queue(maxsize=max_pending)
         self._handles: list[EngineHandle] = []
         self._recent_block_s: deque[float] = deque(maxlen=64)
@@ -143,7 +147,8 @@ class EngineWorker:
         try:
             self._opens.put_nowait(_Open(fut, image, prompt, seed))
         except queue.Full:
-            raise WorkerBusy(f"engine worker {self.device} has {self._opens.maxsize} sessions starting already") from None
+            raise WorkerBusy(f"engine worker {self.device} has {self._opens.maxsize} sessions starting already; "
+                             "try again in a moment") from None
         self.wake()
         try:
             return await asyncio.wrap_future(fut)
@@ -168,6 +173,12 @@ class EngineWorker:
         try:
             stack = ProfileStack.from_settings(self.settings)
             self._on_cuda = stack.device.type == "cuda"
+            if self.settings.video.realtime == "auto":
+                self.realtime = calibrate(stack, self.sessions, cache_for(self.settings))
+                stack.settings = with_size(stack.settings, self.realtime.size_area)
+                log.info("engine worker %s: realtime auto chose %s (%.1f fps capacity, %.1f needed, %s)",
+                         self.device, self.realtime.size_area, self.realtime.fps_capacity,
+                         self.realtime.needed_fps, self.realtime.source)
             self.warmup_block_s = self._warm_up(stack)
             log.info("engine worker %s ready: %.3f s per block", self.device, self.warmup_block_s)
         except BaseException as exc:  # noqa: BLE001 - reported through /health and wait_ready()
