@@ -5,26 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from live.settings import DEFAULT_CONFIG, ConfigError, Settings, load_settings
+from cli.profile import settings_from_args
+from live.settings import DEFAULT_CONFIG, ConfigError, load_settings
 
-
-def _settings(args: argparse.Namespace, **overrides) -> Settings:
-    extra = {}
-    if getattr(args, "checkpoint_dir", None):
-        extra["checkpoint_dir"] = str(args.checkpoint_dir)
-    if getattr(args, "lora", None):
-        extra["lora"] = str(args.lora)
-    if getattr(args, "device", None):
-        extra["device"] = args.device
-    return load_settings(args.config, **extra, **overrides)
+if TYPE_CHECKING:
+    from train.profile import TrainingProfile
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from live.engine.pipeline import run_torchrun_rank
     from signaling.app import serve
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     if run_torchrun_rank(settings):
         return 0
     serve(settings, args.host or settings.server.host, args.port or settings.server.port)
@@ -34,7 +28,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_render(args: argparse.Namespace) -> int:
     from cli.render import render
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     result = render(settings, args.image, args.audio, args.out, seed=args.seed, prompt=args.prompt,
                     progress=not args.quiet)
     print(f"wrote {result.out}: {result.frames} frames at {settings.video.fps} fps, {result.width}x{result.height}, "
@@ -63,10 +57,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
-def _cmd_train_tiny(args: argparse.Namespace) -> int:
-    from train.decoder_stage import main as train_main
+def training_profile(config: str | Path | None = None) -> TrainingProfile:
+    """What train-tiny needs from a YAML profile (default: the built-in tiny one), as model-level values:
+    train/ reads no runtime settings itself."""
+    from train.profile import TrainingProfile
 
-    return train_main(args)
+    settings = load_settings(config)
+    return TrainingProfile(model=settings.model, options=settings.stack_options(),
+                           audio_left_context_s=settings.stream.audio_left_context_s,
+                           audio_lookahead_s=settings.stream.audio_lookahead_s)
+
+
+def _cmd_train_tiny(args: argparse.Namespace) -> int:
+    from train.runner import main as train_main
+
+    return train_main(args, training_profile(args.config))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--checkpoint-dir", type=Path, help="official Wan2.2-S2V-14B folder")
         sp.add_argument("--lora", type=Path, help="Live Avatar LoRA (liveavatar.safetensors)")
         sp.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+        sp.add_argument("--random-weights", action="store_true",
+                        help="no checkpoints: seeded random weights of the profile's real size")
 
     sp = sub.add_parser("serve", help="run the WebRTC server")
     common(sp)
@@ -109,7 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("bench", help="benchmark a profile and print a table")
     common(sp)
-    sp.add_argument("--random-weights", action="store_true", help="ignore checkpoints; real-size random weights")
     sp.add_argument("--blocks", type=int, default=20, help="measured blocks after warm-up")
     sp.add_argument("--warmup", type=int, default=3)
     sp.add_argument("--fp8", action="store_true", help="also measure FP8 linear layers (GPU)")
@@ -125,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="time the shared H.264 encoder at 704x384 and 1280x720 (--blocks x 12 frames per row)")
     sp.set_defaults(func=_cmd_bench)
 
-    from train.decoder_stage import add_arguments
+    from train.runner import add_arguments
 
     sp = sub.add_parser("train-tiny", help="train the built-in tiny avatar on synthetic talking faces")
     add_arguments(sp)

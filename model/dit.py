@@ -12,6 +12,10 @@ Streaming, per session:
    as upstream's "timestep forcing" does). The ring holds the last ``kv_cache_frames`` latent frames.
 3. Audio tokens for the block come from :meth:`CausalS2VDiT.encode_audio`; text K/V are computed once per
    prompt by :meth:`CausalS2VDiT.text_kv`.
+
+Training runs the same maths over whole clips, differentiably: :meth:`CausalS2VDiT.sink_kv` (the sink without
+caches), :meth:`CausalS2VDiT.encode_audio_blocks` and :meth:`CausalS2VDiT.clip_velocity` (every block of a clip
+against [sink | the ring it would see at inference]).
 """
 
 from __future__ import annotations
@@ -478,3 +482,74 @@ class CausalS2VDiT(nn.Module):
         b = x.shape[0]
         x = x.float().view(b, f, h, w, pt, ph, pw, self.config.out_dim)
         return torch.einsum("bfhwpqrc->bcfphqwr", x).reshape(b, self.config.out_dim, f * pt, h * ph, w * pw)
+
+    # ----- training forward: whole clips at once, differentiable --------------------------------------
+    def sink_kv(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor,
+                text_kv: list[tuple[torch.Tensor, torch.Tensor]]
+                ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer (reference K un-roped, sink K roped, sink V): :meth:`prefill_sink` without the cache writes,
+        differentiable. The result is the ``sink`` argument of :meth:`clip_velocity`."""
+        x, n_ref, cos, sin, e0 = self.sink_inputs(ref_latent, motion_latents)
+        out = []
+        for layer, blk in enumerate(self.blocks):
+            h = blk.attn_input(x, e0)
+            q = blk.self_attn.project_q(h)
+            k, v = blk.self_attn.project_kv(h)
+            k_roped = apply_rope(k, cos, sin)
+            out.append((k[:, :n_ref], k_roped, v))
+            dt = _dtype(blk.self_attn.o)
+            attn = F.scaled_dot_product_attention(
+                *(t.transpose(1, 2).to(dt) for t in (apply_rope(q, cos, sin), k_roped, v)))
+            x = blk.finish(x, attn.transpose(1, 2).flatten(2), e0, text_kv[layer])
+        return out
+
+    def encode_audio_blocks(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """wav2vec2 features of N blocks ``[B, N, L, C, frames]`` → the audio tokens of all their latent frames in
+        order, (global ``[B, N·fpb, 1, D]``, local ``[B, N·fpb, T, D]``): :meth:`encode_audio` per block, batched."""
+        b, nb = features.shape[:2]
+        glob, local = self.casual_audio_encoder(features.flatten(0, 1))
+        return glob.unflatten(0, (b, nb)).flatten(1, 2), local.unflatten(0, (b, nb)).flatten(1, 2)
+
+    def clip_velocity(self, sink: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], noisy: torch.Tensor,
+                      timestep: torch.Tensor, audio_global: torch.Tensor, audio_local: torch.Tensor,
+                      text_kv: list[tuple[torch.Tensor, torch.Tensor]], block0: int = 0) -> torch.Tensor:
+        """Flow prediction for ``noisy [B, 16, N·fpb, h, w]`` (N consecutive blocks, the first at latent frame
+        ``block0``, all at ``timestep [B]``), each block attending to [sink | ring] as :meth:`forward_block` does at
+        one step: the ring holds the block itself and the previous ``kv_cache_frames - fpb`` latent frames.
+
+        ``sink`` comes from :meth:`sink_kv`; ``audio_global`` / ``audio_local`` are the blocks' audio tokens in
+        order (:meth:`encode_audio_blocks`). Concatenated [sink | ring] attention equals forward_block's
+        log-sum-exp merge of the two, and is differentiable."""
+        c = self.config
+        fpb = c.frames_per_block
+        x, (f, hp, wp) = self._patchify(self.patch_embedding, noisy)
+        x = (x + self.cond_encoder.bias.to(x.dtype) + self.trainable_cond_mask.weight[NOISY_MASK_ID]).float()
+        tpf = hp * wp
+        n_blocks = f // fpb
+        positions = grid_positions(list(range(block0, block0 + f)), hp, wp)
+        cos, sin = (t.to(x.device) for t in rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_fp16_factors))
+        ref_tabs = [tuple(t.to(x.device) for t in rope_cos_sin(
+                        grid_positions([self.ref_position(block0 + j * fpb)], hp, wp),
+                        c.head_dim, c.rope_theta, c.rope_fp16_factors))
+                    for j in range(n_blocks)]
+        e, e0 = self._time(timestep.to(x.device))
+        n = fpb * tpf
+        history = c.kv_cache_frames // fpb - 1
+        for layer, blk in enumerate(self.blocks):
+            q, k, v = block_qkv(blk, x, e0, cos, sin)
+            ref_k, sink_k, sink_v = sink[layer]
+            outs = []
+            for j in range(n_blocks):
+                roped_ref = apply_rope(ref_k, *ref_tabs[j])
+                keys = torch.cat([roped_ref, sink_k[:, tpf:], k[:, max(0, j - history) * n:(j + 1) * n]], dim=1)
+                vals = torch.cat([sink_v, v[:, max(0, j - history) * n:(j + 1) * n]], dim=1)
+                dt = _dtype(blk.self_attn.o)
+                o = F.scaled_dot_product_attention(
+                    *(t.transpose(1, 2).to(dt) for t in (q[:, j * n:(j + 1) * n], keys, vals)))
+                outs.append(o.transpose(1, 2).flatten(2))
+            x = blk.finish(x, torch.cat(outs, dim=1), e0, text_kv[layer])
+            if layer in self.audio_injector.block_to_injector:
+                idx = self.audio_injector.block_to_injector[layer]
+                x = x + self.audio_injector(idx, x, audio_global, audio_local).float()
+        out = self.head(x, e)
+        return self._unpatchify(out, (f, hp, wp))

@@ -12,8 +12,10 @@ features of the trained wav2vec2, which the shipped weights file holds under ``w
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ from transformers import Wav2Vec2Model
 from model.audio_features import frame_taps, num_hidden_frames, window_features
 from train import synthetic as syn
 from train.loop import Budget, optimizer_step, resume, save_state, state_done
+from train.profile import TrainingProfile
 
 FRAMES_PER_BLOCK = 12
 
@@ -89,10 +92,11 @@ def eval_audio(probe: AudioProbe, val: dict[str, torch.Tensor], taps, log, tag: 
     return r
 
 
-def train_audio(probe: AudioProbe, args, log, stream) -> None:
+def train_audio(probe: AudioProbe, args: argparse.Namespace, log: Callable[[str], None],
+                profile: TrainingProfile) -> None:
     """Train ``probe`` (its wav2vec2 in place) on ``args.audio_clips`` composed clips from the speech bank; the
-    last sixth of the bank's utterances is held out for :func:`eval_audio`. ``stream`` is the profile's stream
-    settings (audio context and lookahead of the windows). Resumable from ``WORK/audio.pt``."""
+    last sixth of the bank's utterances is held out for :func:`eval_audio`. ``profile`` gives the audio context
+    and lookahead of the windows. Resumable from ``WORK/audio.pt``."""
     device = next(probe.parameters()).device
     ckpt = Path(args.work) / "audio.pt"
     params = list(probe.parameters())
@@ -102,8 +106,7 @@ def train_audio(probe: AudioProbe, args, log, stream) -> None:
         return
     bank = syn.load_speech_bank(args.speech)
     n_val = max(1, len(bank) // 6)
-    left = round(stream.audio_left_context_s * syn.SAMPLE_RATE)
-    ahead = round(stream.audio_lookahead_s * syn.SAMPLE_RATE)
+    left, ahead = profile.audio_context_samples()
     rng = np.random.default_rng([args.data_seed, 5])
     t0 = time.time()
     train = {k: torch.from_numpy(v).to(device)

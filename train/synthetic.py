@@ -274,8 +274,10 @@ def idle_motion(frames: int, rng: np.random.Generator, start: int = 0) -> list[t
     out = []
     for j in range(start, start + frames):
         s = j / FPS
-        dx = MAX_SWAY_X * (0.65 * math.sin(2 * math.pi * f[0] * s + ph[0]) + 0.35 * math.sin(2 * math.pi * f[1] * s + ph[1]))
-        dy = MAX_SWAY_Y * (0.6 * math.sin(2 * math.pi * f[2] * s + ph[2]) + 0.4 * math.sin(2 * math.pi * f[3] * s + ph[3]))
+        dx = MAX_SWAY_X * (0.65 * math.sin(2 * math.pi * f[0] * s + ph[0])
+                           + 0.35 * math.sin(2 * math.pi * f[1] * s + ph[1]))
+        dy = MAX_SWAY_Y * (0.6 * math.sin(2 * math.pi * f[2] * s + ph[2])
+                           + 0.4 * math.sin(2 * math.pi * f[3] * s + ph[3]))
         breath = 1.5 * math.sin(2 * math.pi * s / 3.5 + ph[0])
         out.append((float(blink[j]), dx, dy, breath))
     return out

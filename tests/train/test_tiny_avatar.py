@@ -108,7 +108,8 @@ def test_identity_colours_match_the_reference(stack, ch):
     pcm = np.zeros(syn.SAMPLE_RATE * 2 // 5, np.float32)
     frames = _render(stack, ch, pcm).astype(np.float32)
     ref = np.asarray(syn.reference_image(ch), np.float32)
-    regions = {"background": (slice(4, 40), slice(4, 40)), "skin": _cheek(ch), "shirt": (slice(178, 190), slice(80, 112))}
+    regions = {"background": (slice(4, 40), slice(4, 40)), "skin": _cheek(ch),
+               "shirt": (slice(178, 190), slice(80, 112))}
     for name, (ys, xs) in regions.items():
         want = ref[ys, xs].reshape(-1, 3).mean(0)
         got = frames[:, ys, xs].reshape(-1, 3).mean(0)
@@ -125,8 +126,6 @@ def _cheek(ch: syn.Character) -> tuple[slice, slice]:
 def test_training_forward_equals_streaming_inference(stack):
     """train-tiny's clip forward (all blocks at once, differentiable) is forward_block's maths: same velocities as
     the streaming path over 6 blocks (KV ring wrap included) at two denoising steps."""
-    from train.decoder_stage import clip_velocity, encode_audio_blocks, sink_kv
-
     dit = stack.dit
     h = w = 8
     ref, motion, feats, noisy = random_stream_inputs(dit, 6, h)
@@ -138,6 +137,6 @@ def test_training_forward_equals_streaming_inference(stack):
         streamed = torch.cat([dit.forward_block(noisy[:, :, 3 * j:3 * j + 3], t, dit.encode_audio(feats[:, j]), text_kv,
                                                 caches, step, 3 * j) for j in range(6)], dim=2)
         with torch.no_grad():
-            glob, local = encode_audio_blocks(dit, feats)
-            whole = clip_velocity(dit, sink_kv(dit, ref, motion, text_kv), noisy, t, glob, local, text_kv)
+            glob, local = dit.encode_audio_blocks(feats)
+            whole = dit.clip_velocity(dit.sink_kv(ref, motion, text_kv), noisy, t, glob, local, text_kv)
         assert torch.allclose(whole, streamed, atol=1e-4, rtol=1e-4)

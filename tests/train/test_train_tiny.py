@@ -12,11 +12,16 @@ import numpy as np
 import pytest
 import torch
 
+from cli.main import training_profile
 from model.config import VAEConfig
 from model.vae import StreamingVAEDecoder, build_vae
 from tests.conftest import random_stream_inputs
-from train import decoder_stage as tt
+from train import runner
+from train.clips import close_worker_pool
+from train.decoder_stage import decode_chunk, detach_cache, new_decoder_cache
+from train.dit_stage import rollout_loss, sample_clips
 from train.loop import Budget
+from train.stack import build_stack, stock_vae_
 
 
 @pytest.fixture(scope="module")
@@ -36,30 +41,30 @@ def test_decode_chunk_equals_the_engines_streaming_decoder(vae):
     lat = _latents(1 + 6)
     dec = StreamingVAEDecoder(vae)
     want = [dec.decode(lat[:, :, :1])] + [dec.decode(lat[:, :, a:a + 3]) for a in (1, 4)]
-    train_vae = tt.stock_vae_(copy.deepcopy(vae), cpu=True)
-    cache = tt.new_decoder_cache(train_vae)
+    train_vae = stock_vae_(copy.deepcopy(vae), cpu=True)
+    cache = new_decoder_cache(train_vae)
     with torch.no_grad():
-        got = [tt.decode_chunk(train_vae, cache, lat[:, :, :1], True)]
-        got += [tt.decode_chunk(train_vae, cache, lat[:, :, a:a + 3], False) for a in (1, 4)]
+        got = [decode_chunk(train_vae, cache, lat[:, :, :1], True)]
+        got += [decode_chunk(train_vae, cache, lat[:, :, a:a + 3], False) for a in (1, 4)]
     assert [g.shape[2] for g in got] == [1, 12, 12]
     for g, w in zip(got, want):
         assert torch.allclose(g.clamp(-1, 1), w, atol=1e-4)
     # a first chunk of several latents: the first alone, the rest in one call — the same frames
-    cache = tt.new_decoder_cache(train_vae)
+    cache = new_decoder_cache(train_vae)
     with torch.no_grad():
-        whole = tt.decode_chunk(train_vae, cache, lat[:, :, :4], True)
+        whole = decode_chunk(train_vae, cache, lat[:, :, :4], True)
     assert torch.allclose(whole, torch.cat(got[:2], dim=2), atol=1e-4)
 
 
 def test_gradients_flow_through_the_cache_until_it_is_detached(vae):
-    train_vae = tt.stock_vae_(copy.deepcopy(vae), cpu=True)
+    train_vae = stock_vae_(copy.deepcopy(vae), cpu=True)
     for cut in (False, True):
         lat = _latents(1 + 6, grad=True)
-        cache = tt.new_decoder_cache(train_vae)
-        tt.decode_chunk(train_vae, cache, lat[:, :, :4], True)
+        cache = new_decoder_cache(train_vae)
+        decode_chunk(train_vae, cache, lat[:, :, :4], True)
         if cut:
-            tt.detach_cache(cache)
-        tt.decode_chunk(train_vae, cache, lat[:, :, 4:], False).square().mean().backward()
+            detach_cache(cache)
+        decode_chunk(train_vae, cache, lat[:, :, 4:], False).square().mean().backward()
         earlier = lat.grad[:, :, :4].abs().sum().item()
         assert (earlier == 0) if cut else (earlier > 0)
         assert lat.grad[:, :, 4:].abs().sum().item() > 0
@@ -71,12 +76,12 @@ def test_stock_vae_undoes_the_cpu_inference_fast_path(vae):
     from model.vae_cpu import speed_up_vae_
 
     fast = speed_up_vae_(copy.deepcopy(vae))
-    back = tt.stock_vae_(copy.deepcopy(fast))
+    back = stock_vae_(copy.deepcopy(fast))
     assert not any(type(m).__module__ == "model.vae_cpu" for m in back.modules())
     lat = _latents(4)
     with torch.no_grad():
         want = StreamingVAEDecoder(vae).decode(lat)
-        got = tt.decode_chunk(back, tt.new_decoder_cache(back), lat, True).clamp(-1, 1)
+        got = decode_chunk(back, new_decoder_cache(back), lat, True).clamp(-1, 1)
     assert torch.allclose(got, want, atol=1e-4)
     assert back.state_dict().keys() == vae.state_dict().keys()
 
@@ -108,8 +113,8 @@ def test_clip_sampler_is_the_engines_block_by_block_sampling(tiny_stack):
                 v = dit.forward_block(x, sched.timesteps[i].expand(1), audio, text_kv, caches, i, 3 * j)
                 x = sched.euler_step(x, v, i)
             streamed.append(x)
-        glob, local = tt.encode_audio_blocks(dit, feats)
-        states = tt.sample_clips(dit, sched, tt.sink_kv(dit, ref, motion, text_kv), glob, local, text_kv, noise)
+        glob, local = dit.encode_audio_blocks(feats)
+        states = sample_clips(dit, sched, dit.sink_kv(ref, motion, text_kv), glob, local, text_kv, noise)
     assert len(states) == sched.steps + 1 and torch.equal(states[0], noise)
     assert torch.allclose(states[-1], torch.cat(streamed, dim=2), atol=1e-4, rtol=1e-4)
 
@@ -126,10 +131,10 @@ def test_rollout_loss_trains_the_dit(tiny_stack):
     dit.requires_grad_(True)
     try:
         text_kv = dit.text_kv(stack.text_encoder.encode("").expand(b, -1, -1))
-        sink = tt.sink_kv(dit, torch.randn(b, 16, 1, h, w, generator=g), torch.randn(b, 16, 19, h, w, generator=g),
-                          text_kv)
-        glob, local = tt.encode_audio_blocks(dit, feats)
-        loss = tt.rollout_loss(dit, sched, x0, sink, glob, local, text_kv, mouth, 0, g)
+        sink = dit.sink_kv(torch.randn(b, 16, 1, h, w, generator=g), torch.randn(b, 16, 19, h, w, generator=g),
+                           text_kv)
+        glob, local = dit.encode_audio_blocks(feats)
+        loss = rollout_loss(dit, sched, x0, sink, glob, local, text_kv, mouth, 0, g)
         loss.backward()
         assert loss.ndim == 0 and torch.isfinite(loss)
         assert dit.head.head.weight.grad.abs().sum() > 0
@@ -150,17 +155,15 @@ def toy_run(tmp_path):
         bank[k] = (0.3 * env * sum(np.sin(2 * np.pi * 130 * h * t) / h for h in (1, 2, 3))).astype(np.float32)
     np.savez_compressed(tmp_path / "speech.npz", speech=bank)
     p = argparse.ArgumentParser()
-    tt.add_arguments(p)
+    runner.add_arguments(p)
 
     def run(*argv: str) -> int:
         args = p.parse_args(["--work", str(tmp_path / "work"), "--speech", str(tmp_path / "speech.npz"),
                              "--device", "cpu", "--workers", "1", "--extra-characters", "0", *argv])
-        return tt.main(args)
+        return runner.main(args, training_profile(args.config))
 
     yield run, tmp_path
-    pool = tt.__dict__.pop("_POOL", None)
-    if pool is not None:
-        pool.terminate()
+    close_worker_pool()
 
 
 def test_decoder_dit_and_export_stages_chain_as_the_gpu_script_runs_them(toy_run):
@@ -169,7 +172,7 @@ def test_decoder_dit_and_export_stages_chain_as_the_gpu_script_runs_them(toy_run
     run, tmp = toy_run
     work = tmp / "work"
     # a stand-in for the previous run's vae.pt / dit.pt: the stack's seeded random weights
-    stack = tt.build_stack(tt.load_settings(None), torch.device("cpu"))
+    stack = build_stack(training_profile(), torch.device("cpu"))
     init = tmp / "init"
     init.mkdir()
     torch.save({"vae": stack.vae.state_dict()}, init / "vae.pt")
@@ -195,7 +198,7 @@ def test_decoder_dit_and_export_stages_chain_as_the_gpu_script_runs_them(toy_run
     dit = torch.load(work / "dit.pt")["dit"]
     assert torch.equal(out["vae.decoder.conv_out.weight"], dec["decoder.conv_out.weight"])
     assert torch.equal(out["dit.head.head.weight"], dit["head.head.weight"])
-    fresh = tt.build_stack(tt.load_settings(None), torch.device("cpu"))
+    fresh = build_stack(training_profile(), torch.device("cpu"))
     load_project_weights(tmp / "tiny.safetensors", {"dit": fresh.dit, "vae": fresh.vae, "wav2vec2": fresh.wav2vec2,
                                                     "text": fresh.text_encoder})
 
@@ -239,7 +242,7 @@ def test_audio_stage_trains_the_wav2vec2_that_data_and_export_use(toy_run):
     assert state["step"] == 3 and state["done"]
     log = (work / "train.log").read_text()
     assert "audio eval at step 0" in log and "audio eval at step 3" in log
-    fresh = tt.build_stack(tt.load_settings(None), torch.device("cpu")).wav2vec2.state_dict()
+    fresh = build_stack(training_profile(), torch.device("cpu")).wav2vec2.state_dict()
     trained = {k.removeprefix("wav2vec2."): v for k, v in state["audio"].items() if k.startswith("wav2vec2.")}
     assert trained.keys() == fresh.keys()
     name = "feature_extractor.conv_layers.0.conv.weight"

@@ -1,0 +1,63 @@
+"""Rendered training clips shared by the stages: the cast of characters, a worker pool that renders frames, the
+reference-first talking clip, video tensors and the loss weight of the mouth (and eyes)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from multiprocessing.pool import Pool
+
+import numpy as np
+import torch
+
+from train import synthetic as syn
+
+_POOL: Pool | None = None
+
+
+def characters(seed: int, extra: int) -> list[syn.Character]:
+    """The built-in characters and ``extra`` random ones (seeded)."""
+    rng = np.random.default_rng(seed + 7)
+    return list(syn.BUILTIN) + [syn.random_character(rng, f"rand{i}") for i in range(extra)]
+
+
+def worker_pool(workers: int) -> Pool:
+    """The process pool (forked once, ``workers`` processes) that renders frames for every stage."""
+    global _POOL
+    if _POOL is None:
+        _POOL = mp.get_context("fork").Pool(max(1, workers))
+    return _POOL
+
+
+def close_worker_pool() -> None:
+    """Terminate the pool of :func:`worker_pool`, if one was started."""
+    global _POOL
+    if _POOL is not None:
+        _POOL.terminate()
+        _POOL = None
+
+
+def data_clip_job(ch: syn.Character, audio: np.ndarray, speech: np.ndarray, frames: int,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A talking clip of ``frames`` frames with the reference image first (``[1 + frames, H, W, 3]`` uint8) and its
+    ground-truth mouth opening per frame."""
+    video, opening = syn.render_clip(ch, audio, speech, frames, np.random.default_rng(seed))
+    ref = np.asarray(syn.reference_image(ch))
+    return np.concatenate([ref[None], video]), opening
+
+
+def to_video(frames: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 [B, F, H, W, 3] → float [B, 3, F, H, W] in [-1, 1]."""
+    return torch.from_numpy(frames).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
+def mouth_weight(chars: list[syn.Character], idx: list[int], device: torch.device, mouth: float = 8.0,
+                 eyes: float = 3.0) -> torch.Tensor:
+    """Per-pixel loss weight ``[B, 1, 1, H, W]`` of clips of characters ``chars[i]``: ``mouth`` in the mouth box,
+    times ``eyes`` in the eye band, 1 elsewhere."""
+    w = torch.ones(len(idx), 1, 1, syn.SIZE, syn.SIZE, device=device)
+    for b, i in enumerate(idx):
+        x0, y0, x1, y1 = chars[i].mouth_box()
+        w[b, :, :, y0:y1, x0:x1] = mouth
+        cx, cy = chars[i].head_center
+        w[b, :, :, int(cy - 25):int(cy + 5), int(cx - 35):int(cx + 35)] *= eyes
+    return w
