@@ -43,9 +43,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cli.profile import settings_from_args
 from live.engine.stream import ProfileStack, StreamEngine
 from live.images import default_character
-from live.settings import Settings, load_settings
+from live.settings import Settings
 from model.audio_features import SAMPLE_RATE
 from model.stack import resolve_dtype
 
@@ -428,37 +429,26 @@ def run_encode_bench(settings: Settings, frames: int, warmup: int = 25) -> str:
 
 
 # ----- entry point -----------------------------------------------------------------------------------------
-def _load(args: argparse.Namespace) -> Settings:
-    extra = {k: str(getattr(args, k)) for k in ("checkpoint_dir", "lora") if getattr(args, k, None)}
-    if getattr(args, "device", None):
-        extra["device"] = args.device
-    settings = load_settings(args.config, **extra)
-    if args.random_weights:
-        no_weights = {k: None for k in ("checkpoint_dir", "lora", "weights") if k in Settings.model_fields}
-        settings = settings.model_copy(update=no_weights)
-    return settings
-
-
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (see ``live-avatar bench --help``); prints one table."""
     if args.server:
         from cli.latency_bench import run_latency_bench
 
-        settings = _load(args)
-        result = run_latency_bench(settings, args.seconds)
+        settings = settings_from_args(args)
+        result = run_latency_bench(settings, args.seconds, args.sessions)
         for key, value in result.items():
             print(f"{key}: {value}")
-        print(f"\n`{command_line(args)} --server --seconds {args.seconds:g}`")
+        print(f"\n`{command_line(args)} --server --seconds {args.seconds:g} --sessions {args.sessions}`")
         return 0
 
     if getattr(args, "encode", False):
         print(f"shared H.264 encoder on {card_name(torch.device('cpu'))}, {os.cpu_count()} CPUs, "
               f"{args.blocks * 12} frames per row\n")
-        print(run_encode_bench(_load(args), args.blocks * 12))
+        print(run_encode_bench(settings_from_args(args), args.blocks * 12))
         print(f"\n`{command_line(args)} --encode`")
         return 0
 
-    settings = _load(args)
+    settings = settings_from_args(args)
     rows = variants(args, settings)
     t0 = time.perf_counter()
     stack = ProfileStack.from_settings(settings)

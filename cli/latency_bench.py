@@ -47,24 +47,45 @@ def _speech_wav(folder: Path, seconds: float) -> Path:
     return out
 
 
-def run_latency_bench(settings: Settings, seconds: float) -> dict:
-    """Serve ``settings``, talk to it for ``seconds`` and return the measurements (latencies in ms)."""
+def run_latency_bench(settings: Settings, seconds: float, sessions: int = 1) -> dict:
+    """Serve ``settings``, talk to it from ``sessions`` clients at once for ``seconds`` and return the measurements
+    (latencies in ms; with several sessions each key is prefixed by the session's number)."""
     with tempfile.TemporaryDirectory(prefix="live-avatar-g2g-") as tmp, ServerProcess(settings) as url:
         wav = _speech_wav(Path(tmp), seconds)
-        result = asyncio.run(talk(url, wav, seconds=seconds))
+        with urllib.request.urlopen(url + "/health") as resp:
+            before = json.loads(resp.read())
+
+        async def talk_all() -> list:
+            return await asyncio.gather(*(talk(url, wav, seconds=seconds) for _ in range(sessions)))
+
+        results = asyncio.run(talk_all())
         with urllib.request.urlopen(url + "/health") as resp:
             health = json.loads(resp.read())
     worker = health["workers"][0]
+    out = {
+        "config": settings.name,
+        "device": worker["device"],
+        "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "realtime": worker.get("realtime"),
+        "block_s (server estimate)": worker["block_s"],
+        "GPU memory GiB at start / end": f"{before['workers'][0].get('gpu_memory_gib')} / "
+                                          f"{worker.get('gpu_memory_gib')}",
+        "event-loop lag p99 ms (server, last minute)": health.get("event_loop_lag_p99_ms"),
+    }
+    for i, result in enumerate(results):
+        prefix = f"[{i + 1}] " if sessions > 1 else ""
+        out.update({prefix + k: v for k, v in _session_summary(result).items()})
+    return out
+
+
+def _session_summary(result) -> dict:
+    """One session's measurements from what its client recorded and the server's last stats message."""
     report = result.report
     stats = [m for m in result.server_messages if m.get("type") == "stats"]
     last = stats[-1] if stats else {}
     g2g = np.asarray(report.glass_to_glass_s) * 1000
     return {
-        "config": settings.name,
-        "device": worker["device"],
-        "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "seconds": round(report.seconds, 1),
-        "block_s (server estimate)": worker["block_s"],
         "server output delay ms": None if last.get("latency_s") is None else round(last["latency_s"] * 1000),
         "glass-to-glass p50 ms": round(float(np.percentile(g2g, 50))) if g2g.size else None,
         "glass-to-glass p95 ms": round(float(np.percentile(g2g, 95))) if g2g.size else None,
@@ -75,5 +96,4 @@ def run_latency_bench(settings: Settings, seconds: float) -> dict:
         "frames repeated / sent (server)": f"{last.get('frames_repeated')} / {last.get('frames_sent')}",
         "silence inserted s (late mic packets)": last.get("silence_filled_s"),
         "input withheld from a late engine, frames": last.get("frames_withheld"),
-        "event-loop lag p99 ms (server, last minute)": health.get("event_loop_lag_p99_ms"),
     }

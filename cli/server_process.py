@@ -18,7 +18,7 @@ import yaml
 
 from live.settings import REPO_ROOT, Settings
 
-START_TIMEOUT_S = 300.0
+START_TIMEOUT_S = 900.0  # a 14B profile builds, quantises and calibrates before it is healthy
 
 
 def serve_command() -> list[str]:

@@ -464,6 +464,7 @@ class SessionManager:
             "event_loop_lag_p99_ms": round(self.loop_lag.quantile(0.99) * 1000, 2),
             "workers": [{"device": w.device, "ready": w.ready, "engines": w.engines,
                          "block_s": round(w.block_estimate_s(), 4),
+                         "gpu_memory_gib": w.memory_gib(),
                          "realtime": (w.realtime.as_dict() if w.realtime is not None
                                       else {"mode": s.video.realtime, "size_area": s.video.size_area}),
                          **({"error": str(w.load_error)} if w.load_error is not None else {})}

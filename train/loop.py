@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,17 +55,21 @@ class Budget:
     """Training progress in [0, 1] by steps, or by wall time when a budget in minutes and/or a ``deadline`` (Unix
     time by which the stage must stop) is given — the LR schedule follows it, so a time-boxed run still anneals."""
 
-    def __init__(self, minutes: float | None, steps: int, start_step: int, deadline: float | None = None) -> None:
+    def __init__(self, minutes: float | None, steps: int, start_step: int, deadline: float | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``steps`` at most; ``clock`` (Unix seconds) measures the time budget."""
+        self._clock = clock
         self.seconds = None if minutes is None else minutes * 60
         if deadline is not None:
-            left = max(1.0, deadline - time.time())
+            left = max(1.0, deadline - clock())
             self.seconds = left if self.seconds is None else min(self.seconds, left)
-        self.steps, self.t0, self.start_step = steps, time.time(), start_step
+        self.steps, self.t0, self.start_step = steps, clock(), start_step
 
     def progress(self, step: int) -> float:
+        """Fraction of the budget used at ``step``."""
         if self.seconds is None:
             return min(1.0, step / self.steps)
-        return min(1.0, (time.time() - self.t0) / self.seconds)
+        return min(1.0, (self._clock() - self.t0) / self.seconds)
 
     def done(self, step: int) -> bool:
         return step >= self.steps or (self.seconds is not None and self.progress(step) >= 1.0)

@@ -135,6 +135,15 @@ class EngineWorker:
         """Engines placed on this worker now."""
         return len(self._handles)
 
+    def memory_gib(self) -> dict[str, float] | None:
+        """The GPU memory PyTorch holds for this worker's device now and at its peak (None on a CPU); allocator
+        counters only, so it never waits on the GPU."""
+        if not self._on_cuda:
+            return None
+        device = torch.device(self.device)
+        return {"allocated": round(torch.cuda.memory_allocated(device) / 2**30, 2),
+                "peak": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+
     def block_estimate_s(self) -> float:
         """A pessimistic wall time of one block: the larger of the warm-up time and the recent 90th percentile."""
         recent = sorted(self._recent_block_s)
