@@ -1,11 +1,14 @@
 # Helpers for one call on the lent GPU machine (see bench/RESULTS.md for how each table was made).
-# Source it from the repository root, with the wheels of the packages the machine lacks in .whl/:
+# Source it from the repository root, with the wheels of the packages the machine lacks in $WHEELS (default
+# .whl/server: diffusers, pydantic(-settings), PyAV, aiortc and their needs, for Python 3.12; carry that folder):
 #   . bench/device_run.sh && gpu_env && gpu_kernels && gpu_bench main --fp8 --compile
+#   . bench/device_run.sh && gpu_env && gpu_serve one --seconds 60
 # Logs land in $OUT (the folder that comes back), or /tmp/out elsewhere.
 
 OUT=${OUT:-/tmp/out}
+WHEELS=${WHEELS:-.whl/server}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
   || return 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
@@ -20,7 +23,8 @@ gpu_env() {
 gpu_kernels() { python3 bench/kernels.py "$@" 2>&1 | tee -a "$OUT/kernels.log"; }
 
 gpu_tests() {
-  python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py tests/test_shared_sink.py 2>&1 | tee "$OUT/tests.log"
+  python3 -m pytest -q -p no:cacheprovider tests/model/test_fp8.py tests/model/test_shared_sink.py \
+    tests/model/test_cuda_graphs.py tests/live/test_frame_ring.py 2>&1 | tee "$OUT/tests.log"
 }
 
 # gpu_bench NAME [bench flags...]: the 14B profile with random weights; log in $OUT/bench-NAME.log and the
@@ -28,8 +32,17 @@ gpu_tests() {
 gpu_bench() {
   local name=$1
   shift
-  # cli.main's main() imports the media stack (PyAV), which the GPU image lacks; bench needs only the parser.
-  LIVE_AVATAR_BENCH_PROFILE="$OUT/profile-$name.txt" python3 -c "import sys; from cli.main import build_parser
-from cli.bench import main; sys.exit(main(build_parser().parse_args(sys.argv[1:])))" \
+  LIVE_AVATAR_BENCH_PROFILE="$OUT/profile-$name.txt" python3 -m cli.main \
     bench --config configs/liveavatar-14b.yaml --random-weights "$@" 2>&1 | tee "$OUT/bench-$name.log"
+}
+
+# gpu_serve NAME [bench flags...]: the 14B server (random weights, realtime: auto, the fastest single-GPU levers)
+# in a child process, driven over loopback by `live-avatar client` sessions; report in $OUT/serve-NAME.log.
+gpu_serve() {
+  local name=$1
+  shift
+  LIVE_AVATAR_FP8=true LIVE_AVATAR_COMPILE=true LIVE_AVATAR_CUDA_GRAPHS=true LIVE_AVATAR_STREAM__OVERLAP_DECODE=true \
+    python3 -m cli.main bench --config configs/liveavatar-14b.yaml --random-weights --server \
+    --server-log "$OUT/server-$name.log" "$@" 2>&1 \
+    | tee "$OUT/serve-$name.log"
 }

@@ -435,7 +435,7 @@ def main(args: argparse.Namespace) -> int:
         from cli.latency_bench import run_latency_bench
 
         settings = settings_from_args(args)
-        result = run_latency_bench(settings, args.seconds, args.sessions)
+        result = run_latency_bench(settings, args.seconds, args.sessions, args.server_log)
         for key, value in result.items():
             print(f"{key}: {value}")
         print(f"\n`{command_line(args)} --server --seconds {args.seconds:g} --sessions {args.sessions}`")

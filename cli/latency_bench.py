@@ -8,6 +8,7 @@ for every generated frame it receives, the time from when the first audio sample
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -17,6 +18,7 @@ import tempfile
 import urllib.request
 import wave
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -47,10 +49,17 @@ def _speech_wav(folder: Path, seconds: float) -> Path:
     return out
 
 
-def run_latency_bench(settings: Settings, seconds: float, sessions: int = 1) -> dict:
+def run_latency_bench(settings: Settings, seconds: float, sessions: int = 1, server_log: Path | None = None) -> dict:
     """Serve ``settings``, talk to it from ``sessions`` clients at once for ``seconds`` and return the measurements
-    (latencies in ms; with several sessions each key is prefixed by the session's number)."""
-    with tempfile.TemporaryDirectory(prefix="live-avatar-g2g-") as tmp, ServerProcess(settings) as url:
+    (latencies in ms; with several sessions each key is prefixed by the session's number). The server's output
+    goes to ``server_log`` if given."""
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(open(server_log, "w")) if server_log is not None else None
+        return _run(settings, seconds, sessions, log)
+
+
+def _run(settings: Settings, seconds: float, sessions: int, log: IO[str] | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="live-avatar-g2g-") as tmp, ServerProcess(settings, log) as url:
         wav = _speech_wav(Path(tmp), seconds)
         with urllib.request.urlopen(url + "/health") as resp:
             before = json.loads(resp.read())
