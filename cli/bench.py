@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 from cli.profile import settings_from_args
-from live.engine.stream import ProfileStack, StreamEngine
+from live.engine.stream import ProfileStack, StreamEngine, overlap_enabled
 from live.images import default_character
 from live.settings import Settings
 from model.audio_features import SAMPLE_RATE
@@ -267,7 +267,7 @@ def run_engine(stack: ProfileStack, variant: str, image: Image.Image, warmup: in
     finally:
         del stack.dit.forward_block
         eng.close()
-        del eng
+        eng = None  # drop the stream's caches before collecting
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -475,12 +475,12 @@ def main(args: argparse.Namespace) -> int:
                 result = run_engine(stack, label, image, args.warmup, args.blocks, profile_to)
                 if args.compare_overlap and (label, fp8, compiled, graphs) == rows[-1]:
                     results.append(result)
-                    overlap = stack.settings.stream.overlap_decode
+                    overlap = overlap_enabled(stack.settings.stream.overlap_decode, stack.device)
                     stack.settings = stack.settings.model_copy(update={"stream": stack.settings.stream.model_copy(
                         update={"overlap_decode": not overlap})})
                     label_off = f"{label} ({'no ' if overlap else ''}decode overlap)"
                     result = run_engine(stack, label_off, image, args.warmup, args.blocks)
-            except Exception as exc:  # one failing row (e.g. out of memory) must not lose the others
+            except Exception as exc:  # noqa: BLE001 - one failing row (e.g. out of memory) must not lose the others
                 failed += 1
                 notes.append(f"{label} at {area}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
                 print(f"[bench] {label} at {area}: failed: {exc}", flush=True)

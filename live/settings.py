@@ -76,8 +76,11 @@ class StreamSettings(BaseModel):
     vae_warmup_latents: int = Field(7, description="Motion latents decoded once to prime the VAE cache.")
     refresh_sink: bool = Field(True, description="Live Avatar's rolling sink: at the start of the second clip, "
                                "re-prefill the sink with the first generated latent frame as the reference.")
-    overlap_decode: bool = Field(True, description="Decode a block on a second thread (and CUDA stream) while "
-                                 "the next block is denoised, whenever the next block's audio is already there.")
+    overlap_decode: bool | Literal["auto"] = Field(True, description="Decode a block on a second thread (and CUDA "
+                                                   "stream) while the next block is denoised, whenever the next "
+                                                   "block's audio is already there. 'auto': on a CPU always; on a "
+                                                   "GPU when a new stream starts with room for the decode's own "
+                                                   "memory pool.")
 
 
 ICE_URL = re.compile(r"(?P<scheme>stuns?|turns?):(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"

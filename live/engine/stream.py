@@ -28,7 +28,21 @@ from model.stack import ModelStack
 from model.vae import StreamingVAEDecoder, encode_video, to_uint8_frames
 
 VAE_TEMPORAL_STRIDE = 4
+DECODE_POOL_BYTES = 7 * 2**30  # what the 14B decode's side-stream pool added at 704×384 (bench/RESULTS.md)
 VAE_SPATIAL_STRIDE = 8
+
+
+def overlap_enabled(setting: bool | str, device: torch.device) -> bool:
+    """Whether a new stream decodes on the decode lane: ``stream.overlap_decode``, where 'auto' means always on a
+    CPU and on a GPU when the memory free for PyTorch (the driver's free memory plus the allocator's unused
+    cache) holds the decode's own pool twice over (the decode's activations live in its stream's pool)."""
+    if setting != "auto":
+        return bool(setting)
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + cached >= 2 * DECODE_POOL_BYTES
 
 
 @dataclass(eq=False)
@@ -73,7 +87,7 @@ class StreamEngine:
         self.blocks_done = 0  # blocks whose frames are in the ring
         self.frames_emitted = 0
         self._closed = False
-        self._overlap = s.stream.overlap_decode
+        self._overlap = overlap_enabled(s.stream.overlap_decode, stack.device)
         self._decoding: tuple[Future, int] | None = None  # the block decoding in the background, its frame count
 
     # ----- session start ------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from live.engine.decode_lane import DecodeLane
-from live.engine.stream import ProfileStack, StreamEngine
+from live.engine.stream import ProfileStack, StreamEngine, overlap_enabled
 from tests.conftest import make_speechlike
 
 
@@ -15,7 +15,8 @@ from tests.conftest import make_speechlike
 def stacks(tiny_settings):
     def load(overlap: bool) -> ProfileStack:
         s = tiny_settings
-        return ProfileStack.from_settings(s.model_copy(update={"stream": s.stream.model_copy(update={"overlap_decode": overlap})}))
+        stream = s.stream.model_copy(update={"overlap_decode": overlap})
+        return ProfileStack.from_settings(s.model_copy(update={"stream": stream}))
 
     return load(True), load(False)
 
@@ -93,3 +94,8 @@ def test_decode_lane_uses_the_profiles_thread_count(stacks):
     assert lane is DecodeLane.shared(overlapped)
     threads = lane._pool.submit(torch.get_num_threads).result()
     assert threads == overlapped.settings.threads
+
+
+def test_auto_overlap_is_on_for_a_cpu_and_explicit_settings_win():
+    cpu = torch.device("cpu")
+    assert overlap_enabled("auto", cpu) and overlap_enabled(True, cpu) and not overlap_enabled(False, cpu)

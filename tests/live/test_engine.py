@@ -100,7 +100,7 @@ def test_ring_blocks_producer_when_full(tiny_stack):
         while eng.block_ready():
             try:
                 eng.generate_block()
-            except Exception:  # RingClosed at the end
+            except Exception:  # noqa: BLE001 - RingClosed at the end
                 break
         done.set()
 

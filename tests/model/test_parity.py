@@ -1,6 +1,6 @@
 """Numerical parity with upstream Live Avatar (reference tensors recorded from the upstream code; see
-tests/assets/parity/README.md for how). fp32, relative error ‖ours − ref‖ / ‖ref‖ ≤ 2e-6 (tight enough that a RoPE table built without upstream's float16
-rounding fails)."""
+tests/assets/parity/README.md for how). fp32, relative error ‖ours − ref‖ / ‖ref‖ ≤ 2e-6 (tight enough that a RoPE
+table built without upstream's float16 rounding fails)."""
 
 from __future__ import annotations
 
