@@ -17,12 +17,26 @@ from .state import STATE, ServerState
 log = logging.getLogger(__name__)
 
 
+def base_app() -> web.Application:
+    """An application with the middlewares and the routes that hold no session state (pages, samples, static
+    files): :func:`create_app` adds the sessions; a cluster front door (``cluster/``) forwards them to hosts."""
+    app = web.Application(middlewares=[http.json_errors])
+    app.add_routes([
+        web.get("/", http.index),
+        web.get("/view/{session}", http.view),
+        web.get("/api/samples", http.samples),
+        web.get("/samples/{name}.png", http.sample_file),
+        web.static("/static", http.WEB_DIR, follow_symlinks=False),
+    ])
+    return app
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the application; the models load (on worker threads) when it starts up."""
     metrics = ServerMetrics()
     state = ServerState(settings=settings, manager=SessionManager(settings, metrics), metrics=metrics,
                         images=ImageStore(settings.server.max_upload_bytes, settings.server.max_image_side))
-    app = web.Application(middlewares=[http.json_errors])
+    app = base_app()
     app[STATE] = state
 
     async def start(app: web.Application) -> None:
@@ -34,8 +48,6 @@ def create_app(settings: Settings) -> web.Application:
     app.on_startup.append(start)
     app.on_shutdown.append(stop)
     app.add_routes([
-        web.get("/", http.index),
-        web.get("/view/{session}", http.view),
         web.get("/ws", ws.websocket),
         web.post("/whip", whip.publish),
         web.delete("/whip/{session}", whip.end),
@@ -46,13 +58,10 @@ def create_app(settings: Settings) -> web.Application:
         web.get("/health", http.health),
         web.get("/metrics", http.metrics),
         web.post("/api/images", http.upload_image),
-        web.get("/api/samples", http.samples),
         web.get("/api/config", http.client_config),
         web.post("/api/sessions/{session}/rtmp", rest.start_rtmp),
         web.get("/api/sessions/{session}/rtmp", rest.rtmp_status),
         web.delete("/api/sessions/{session}/rtmp", rest.stop_rtmp),
-        web.get("/samples/{name}.png", http.sample_file),
-        web.static("/static", http.WEB_DIR, follow_symlinks=False),
     ])
     return app
 
