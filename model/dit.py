@@ -280,7 +280,14 @@ class StepCaches:
         self.graphs: StepGraphs | None = None  # CUDA graphs of the full-ring steps (CausalS2VDiT.cuda_graphs)
 
     def nbytes(self) -> int:
+        """Bytes of KV memory held."""
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.sink_k, self.sink_v, self.ref_k))
+
+    def reset(self) -> None:
+        """Make the memory ready for a new stream: nothing written yet (the next prefill refills the sink). The
+        buffers and any CUDA graphs captured against them are kept."""
+        self.frames_written = [0] * len(self.frames_written)
+        self.ref_roped_for = None
 
 
 class CausalS2VDiT(nn.Module):

@@ -29,7 +29,7 @@ from live.settings import Settings
 
 log = logging.getLogger(__name__)
 
-STEADY_BLOCKS = 2  # blocks timed once the KV ring is full (and graphs, if any, are captured)
+STEADY_BLOCKS = 2  # blocks timed once the KV ring is full and every ring slot's CUDA graphs (if any) are captured
 
 
 @dataclass
@@ -77,17 +77,27 @@ def with_size(settings: Settings, size_area: str) -> Settings:
     return settings.model_copy(update={"video": settings.video.model_copy(update={"size_area": size_area})})
 
 
-def steady_block_s(stack: ProfileStack, size_area: str) -> float:
-    """Wall time of one block at ``size_area`` once the stream is steady: the KV ring full, one-time costs
-    (compilation, graph capture) paid. Audio arrives one block at a time, as from a live microphone."""
+def size_block_s(stack: ProfileStack, size_area: str) -> float:
+    """:func:`steady_block_s` at ``size_area``, for a reference of that area's own aspect ratio."""
     profile = stack.settings
     stack.settings = with_size(profile, size_area)
     aw, ah = (int(v) for v in size_area.split("*"))
+    try:
+        return steady_block_s(stack, Image.new("RGB", (aw, ah), (128, 128, 128)))
+    finally:
+        stack.settings = profile
+
+
+def steady_block_s(stack: ProfileStack, image: Image.Image | None = None) -> float:
+    """Wall time of one block of a stream of ``image`` (None: the built-in character) at the stack's size once
+    the stream is steady: the KV ring full, one-time costs (compilation, graph capture) paid. Audio arrives one
+    block at a time, as from a live microphone, so the decode is not overlapped (a pessimistic figure)."""
     eng = StreamEngine(stack, seed=0)
     try:
-        eng.start(Image.new("RGB", (aw, ah), (128, 128, 128)), "")
+        eng.start(image, "")
         cfg = stack.dit.config
-        blocks = cfg.kv_cache_frames // cfg.frames_per_block + 1 + STEADY_BLOCKS
+        ring_blocks = cfg.kv_cache_frames // cfg.frames_per_block
+        blocks = ring_blocks + (ring_blocks if stack.dit.cuda_graphs else 1) + STEADY_BLOCKS
         eng.push_audio(np.zeros(eng.lookahead_samples, np.float32))
         times = []
         for _ in range(blocks):
@@ -99,7 +109,6 @@ def steady_block_s(stack: ProfileStack, size_area: str) -> float:
         return max(times[-STEADY_BLOCKS:])
     finally:
         eng.close()
-        stack.settings = profile
 
 
 class CalibrationCache:
@@ -156,7 +165,7 @@ def calibrate(stack: ProfileStack, sessions: int, cache: CalibrationCache | None
 
     def block_s(size: str) -> float:
         if size not in known:
-            fresh[size] = steady_block_s(stack, size)
+            fresh[size] = size_block_s(stack, size)
             log.info("realtime: %s takes %.3f s per block", size, fresh[size])
         return known.get(size, fresh.get(size))
 

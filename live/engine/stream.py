@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from live.engine.cache_pool import CachePool
 from live.engine.decode_lane import DecodeLane
 from live.images import default_character, generation_size, image_to_tensor
 from live.settings import Settings
@@ -112,7 +113,9 @@ class StreamEngine:
         st, s = self.stack, self.stack.settings
         dit_cfg = st.dit.config
         self._text_kv = text_kv
-        self.caches = st.dit.new_caches(s.stream.steps, *ref_latent.shape[-2:], device=st.device, dtype=st.dtype)
+        self._cache_key = (s.stream.steps, *ref_latent.shape[-2:])
+        self.caches = (CachePool.shared(st).take(self._cache_key)
+                       or st.dit.new_caches(s.stream.steps, *ref_latent.shape[-2:], device=st.device, dtype=st.dtype))
         st.dit.prefill_sink(self.caches, ref_latent, motion_latents, text_kv)
         self._motion_latents = motion_latents
         self._refresh_at = dit_cfg.kv_cache_frames // dit_cfg.frames_per_block if s.stream.refresh_sink else None
@@ -256,7 +259,7 @@ class StreamEngine:
         return produced
 
     def close(self) -> None:
-        """Release caches and wake anyone waiting on the ring; idempotent."""
+        """Release the caches (to the stack's pool) and wake anyone waiting on the ring; idempotent."""
         with self._lock:
             self._closed = True
         if self.ring is not None:
@@ -264,6 +267,8 @@ class StreamEngine:
         if self._decoding is not None:
             wait([self._decoding[0]])  # its error, if any (a closed ring), no longer matters
             self._decoding = None
+        if hasattr(self, "caches"):
+            CachePool.shared(self.stack).give(self._cache_key, self.caches)
         for name in ("caches", "decoder", "_text_kv"):
             if hasattr(self, name):
                 delattr(self, name)

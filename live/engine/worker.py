@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from live.engine.calibration import RealtimeChoice, cache_for, calibrate, with_size
+from live.engine.cache_pool import CachePool
+from live.engine.calibration import RealtimeChoice, cache_for, calibrate, steady_block_s, with_size
 from live.engine.pipeline import PipelineEngine
 from live.engine.stream import ProfileStack, StreamEngine
 from live.metrics import ServerMetrics
@@ -182,9 +183,12 @@ class EngineWorker:
         try:
             stack = ProfileStack.from_settings(self.settings)
             self._on_cuda = stack.device.type == "cuda"
+            pool = CachePool.shared(stack)
+            pool.limit = self.sessions
             if self.settings.video.realtime == "auto":
                 self.realtime = calibrate(stack, self.sessions, cache_for(self.settings))
                 stack.settings = with_size(stack.settings, self.realtime.size_area)
+                pool.retain(lambda key: False)  # calibration streams' shapes; the warm-up's stays for sessions
                 log.info("engine worker %s: realtime auto chose %s (%.1f fps capacity, %.1f needed, %s)",
                          self.device, self.realtime.size_area, self.realtime.fps_capacity,
                          self.realtime.needed_fps, self.realtime.source)
@@ -213,10 +217,12 @@ class EngineWorker:
             self._fail_pending(RuntimeError("engine worker stopped"))
 
     def _warm_up(self, stack: ProfileStack) -> float:
-        """Run a few silent blocks: pays one-time costs and measures the block time used to size latency.
-
-        Audio is fed one block at a time, as a live microphone delivers it, so each timed call generates and
-        decodes one block (no decode overlap, which only happens when a stream is behind)."""
+        """Run silent blocks of the built-in character: pays one-time costs (compilation, the CUDA graphs of
+        caches that then wait in the pool for the first session) and measures the block time used to size
+        latency. Audio is fed one block at a time, as a live microphone delivers it, so each timed call generates
+        and decodes one block (no decode overlap, which only happens when a stream is behind)."""
+        if stack.settings.pipeline.world_size == 1:
+            return steady_block_s(stack)
         eng = create_engine(stack, seed=0)
         try:
             eng.start(None, "")
