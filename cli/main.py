@@ -11,6 +11,7 @@ from cli.profile import settings_from_args
 from live.settings import DEFAULT_CONFIG, ConfigError, load_settings
 
 if TYPE_CHECKING:
+    from live.settings import Settings
     from train.profile import TrainingProfile
 
 
@@ -19,9 +20,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from signaling.app import serve
 
     settings = settings_from_args(args)
+    if args.cluster:
+        return _serve_cluster(args, settings)
     if run_torchrun_rank(settings):
         return 0
     serve(settings, args.host or settings.server.host, args.port or settings.server.port)
+    return 0
+
+
+def _serve_cluster(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.front_door import ClusterError, serve_cluster
+
+    try:
+        serve_cluster(settings, args.cluster, args.host or settings.server.host, args.port or settings.server.port)
+    except ClusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -91,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--host", default=None)
     sp.add_argument("--port", type=int, default=None)
+    sp.add_argument("--cluster", metavar="ADDRESS", default=None,
+                    help="run a front door of the Ray cluster at ADDRESS (HEAD:PORT): sessions go to the avatar hosts "
+                         "of its nodes that advertise avatar_slots (docs/scale-out.md)")
     sp.set_defaults(func=_cmd_serve)
 
     sp = sub.add_parser("render", help="render an image + speech file to MP4")
