@@ -21,10 +21,11 @@ from .placement import Located, Placement, Refusal
 
 log = logging.getLogger(__name__)
 
-# hop-by-hop headers and those aiohttp sets itself stay behind; everything else (auth, tokens, origin) goes through
+# hop-by-hop headers and those aiohttp sets itself stay behind; everything else (Host, auth, tokens, Origin) goes
+# through, so a host checks a request as it would check it from the client itself
 LOCAL_HEADERS = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding",
-    "Upgrade", "Host", "Content-Length", "Content-Encoding", "Date", "Server"))
+    "Upgrade", "Content-Length", "Content-Encoding", "Date", "Server", "X-Forwarded-For"))
 PROBE_TIMEOUT_S = 2.0
 FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=5)
 
@@ -110,9 +111,9 @@ class FrontDoor:
 
 
 def forwarded_headers(request: web.Request) -> dict[str, str]:
-    """The client's end-to-end headers for the host, with the address it asked for as ``X-Forwarded-Host``."""
-    return {**_end_to_end(request.headers), "X-Forwarded-Host": request.host,
-            "X-Forwarded-For": request.remote or ""}
+    """The client's end-to-end headers for the host, with the client's address appended to ``X-Forwarded-For``."""
+    chain = [h for h in (request.headers.get("X-Forwarded-For"), request.remote) if h]
+    return {**_end_to_end(request.headers), "X-Forwarded-For": ", ".join(chain)}
 
 
 def _end_to_end(headers) -> dict[str, str]:

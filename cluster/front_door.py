@@ -48,7 +48,8 @@ def create_front_door(settings: Settings, address: str, registry: ActorHandle) -
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
-    session_paths = ("/whip/{session}", "/whep/{session}", "/whep/{session}/{viewer}", "/api/sessions/{session}/rtmp")
+    session_paths = ("/whip/{session}", "/whep/{session}", "/whep/{session}/{viewer}", "/api/sessions/{session}/rtmp",
+                     "/api/sessions/{session}/tokens")
     app.add_routes([
         web.get("/ws", proxy.websocket),
         web.post("/whip", forwarding.publish),
