@@ -1,7 +1,8 @@
 """Sessions over a real local Ray cluster: a head and two avatar nodes (``ray start`` on loopback addresses, 2 avatar
 slots each, the tiny profile on CPU) and two front doors (``live-avatar serve --cluster``), driven by real aiortc
 clients. Sessions land on both nodes and stream; a front door serves viewers of sessions another placed; a node
-that dies ends exactly its sessions with a reason, and the next session goes to the survivor."""
+that dies ends exactly its sessions with a reason, and the next session goes to the survivor; a node that joins
+takes sessions at once."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tests.conftest import ARTIFACTS
 from tests.server_helpers import get_json, get_text, metric, wait_until
 
 NODES = ("127.0.0.3", "127.0.0.4")
+NEW_NODE = "127.0.0.5"
 SLOTS = 2
 
 
@@ -178,6 +180,29 @@ async def test_a_dead_node_ends_exactly_its_sessions_and_the_next_goes_to_the_su
     finally:
         await _settled([*talks, *([follow_up] if follow_up else [])])
     for result in (follow, survivor):
+        assert not [m for m in result.server_messages if m.get("type") in ("ended", "error")]
+        assert result.report.frames_ratio >= 0.75, result.report.summary()
+
+
+async def test_a_node_that_joins_takes_sessions_at_once(cluster, speech_wav):
+    ray_cluster, door_a, door_b = cluster
+    await _idle(door_a)
+    ray_cluster.add_node(NEW_NODE, 1)
+
+    async def joined() -> bool:
+        hosts = (await get_json(door_b + "/health"))["hosts"]
+        return any(h["node_ip"] == NEW_NODE and h["state"] == "ready" for h in hosts)
+
+    await wait_until(joined, 90, f"the node on {NEW_NODE} to get a ready avatar host")
+    # Least loaded per slot: the survivor (2 slots) takes the first session, the new node (1 slot) the second.
+    talks = [asyncio.ensure_future(talk(door_a, speech_wav, seconds=6.0)) for _ in range(2)]
+    try:
+        sessions = await _running(door_a, 2)
+        assert sorted(s["host"] for s in sessions) == [NODES[0], NEW_NODE]
+        results = await asyncio.gather(*talks)
+    finally:
+        await _settled(talks)
+    for result in results:
         assert not [m for m in result.server_messages if m.get("type") in ("ended", "error")]
         assert result.report.frames_ratio >= 0.75, result.report.summary()
 
