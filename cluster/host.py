@@ -59,9 +59,3 @@ class AvatarHost:
         if self._app is None:
             return {"status": "starting", "workers": [], "sessions": []}
         return session_manager(self._app).health()
-
-    async def stop(self) -> None:
-        """Close every session (reason: server shutting down) and stop serving."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner, self._app, self._url = None, None, None
