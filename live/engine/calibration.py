@@ -98,17 +98,23 @@ def steady_block_s(stack: ProfileStack, image: Image.Image | None = None) -> flo
         cfg = stack.dit.config
         ring_blocks = cfg.kv_cache_frames // cfg.frames_per_block
         blocks = ring_blocks + (ring_blocks if stack.dit.cuda_graphs else 1) + STEADY_BLOCKS
-        eng.push_audio(np.zeros(eng.lookahead_samples, np.float32))
-        times = []
-        for _ in range(blocks):
-            eng.push_audio(np.zeros(eng.samples_per_block, np.float32))
-            t0 = time.perf_counter()
-            eng.generate_block()
-            times.append(time.perf_counter() - t0)
-            eng.ring.clear()
-        return max(times[-STEADY_BLOCKS:])
+        return max(time_silent_blocks(eng, blocks)[-STEADY_BLOCKS:])
     finally:
         eng.close()
+
+
+def time_silent_blocks(eng: StreamEngine, blocks: int) -> list[float]:
+    """Wall seconds of each of ``blocks`` blocks of a started stream fed silence one block at a time, as a live
+    microphone delivers it (each call generates and decodes its block; the frames are dropped)."""
+    eng.push_audio(np.zeros(eng.lookahead_samples, np.float32))
+    times = []
+    for _ in range(blocks):
+        eng.push_audio(np.zeros(eng.samples_per_block, np.float32))
+        t0 = time.perf_counter()
+        eng.generate_block()
+        times.append(time.perf_counter() - t0)
+        eng.ring.clear()
+    return times
 
 
 class CalibrationCache:

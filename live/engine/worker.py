@@ -18,7 +18,14 @@ import torch
 from PIL import Image
 
 from live.engine.cache_pool import CachePool
-from live.engine.calibration import RealtimeChoice, cache_for, calibrate, steady_block_s, with_size
+from live.engine.calibration import (
+    RealtimeChoice,
+    cache_for,
+    calibrate,
+    steady_block_s,
+    time_silent_blocks,
+    with_size,
+)
 from live.engine.pipeline import PipelineEngine
 from live.engine.stream import ProfileStack, StreamEngine
 from live.metrics import ServerMetrics
@@ -226,15 +233,7 @@ class EngineWorker:
         eng = create_engine(stack, seed=0)
         try:
             eng.start(None, "")
-            eng.push_audio(np.zeros(eng.lookahead_samples, np.float32))
-            times = []
-            for _ in range(WARMUP_BLOCKS):
-                eng.push_audio(np.zeros(eng.samples_per_block, np.float32))
-                t0 = time.perf_counter()
-                eng.generate_block()
-                times.append(time.perf_counter() - t0)
-                eng.ring.clear()
-            return max(times[1:]) if len(times) > 1 else times[0]
+            return max(time_silent_blocks(eng, WARMUP_BLOCKS)[1:])
         finally:
             eng.close()
 
