@@ -176,18 +176,21 @@ async def _wait_ended(messages: list[dict]) -> None:
         await asyncio.sleep(0.1)
 
 
-async def _post_offer(pc: RTCPeerConnection, url: str, protocol: str) -> tuple[str, RTCSessionDescription]:
-    """POST our offer to a WHIP/WHEP endpoint; returns the resource's ``Location`` and the answer to apply.
+async def _post_offer(pc: RTCPeerConnection, url: str, protocol: str,
+                      token: str | None = None) -> tuple[str, RTCSessionDescription, dict[str, str]]:
+    """POST our offer to a WHIP/WHEP endpoint (with ``Authorization: Bearer token`` if given); returns the resource's
+    ``Location`` (which carries the token that may delete it), the answer to apply and the response headers.
 
     Raises :class:`ClientError` with the server's message if it does not answer ``201 Created``.
     """
     await pc.setLocalDescription(await pc.createOffer())
+    headers = {"Content-Type": "application/sdp", **({"Authorization": f"Bearer {token}"} if token else {})}
     async with aiohttp.ClientSession() as http:
-        async with http.post(url, data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}) as resp:
+        async with http.post(url, data=pc.localDescription.sdp, headers=headers) as resp:
             body = await resp.text()
             if resp.status != 201:
                 raise ClientError(f"{protocol} refused ({resp.status}): {body}")
-            return resp.headers["Location"], RTCSessionDescription(sdp=body, type="answer")
+            return resp.headers["Location"], RTCSessionDescription(sdp=body, type="answer"), dict(resp.headers)
 
 
 async def _hang_up(pc: RTCPeerConnection, resource_url: str) -> int:
@@ -203,26 +206,32 @@ async def _hang_up(pc: RTCPeerConnection, resource_url: str) -> int:
 class WhipPublisher:
     """A WHIP client: sends an audio file as the voice of a new session (RFC 9725)."""
 
-    def __init__(self, server: str, audio: np.ndarray, ice_servers: Sequence[IceServer] | None = None) -> None:
-        """Prepare to publish ``audio`` (16 kHz float32) to ``server``; ``ice_servers`` None: the server's."""
+    def __init__(self, server: str, audio: np.ndarray, ice_servers: Sequence[IceServer] | None = None,
+                 token: str | None = None) -> None:
+        """Prepare to publish ``audio`` (16 kHz float32) to ``server``; ``ice_servers`` None: the server's;
+        ``token``: the server's API key, sent as the WHIP bearer token."""
         self.server = server
         self.mic = FileMicTrack(audio)
         self.ice_servers = ice_servers
+        self.token = token
         self.pc: RTCPeerConnection | None = None
         self.location: str | None = None
+        self.view_token: str | None = None
 
     @property
     def session_id(self) -> str:
         """The session id from the resource URL."""
         if self.location is None:
             raise RuntimeError("not published")
-        return self.location.rstrip("/").rsplit("/", 1)[-1]
+        return urlsplit(self.location).path.rstrip("/").rsplit("/", 1)[-1]
 
     async def start(self, query: str = "") -> None:
         """POST the offer; raises :class:`ClientError` with the server's message if refused."""
         self.pc = await _peer(self.server, self.ice_servers)
         self.pc.addTransceiver(self.mic, direction="sendonly")
-        self.location, answer = await _post_offer(self.pc, _http_url(self.server, "/whip" + query), "WHIP")
+        self.location, answer, headers = await _post_offer(self.pc, _http_url(self.server, "/whip" + query), "WHIP",
+                                                           self.token)
+        self.view_token = headers.get("X-View-Token")
         await self.pc.setRemoteDescription(answer)
         await _connected(self.pc, CONNECT_TIMEOUT_S)
 
@@ -235,10 +244,12 @@ class WhepViewer:
     """A WHEP client: watches a session and records what it receives."""
 
     def __init__(self, server: str, session_id: str, max_seconds: float = 120.0,
-                 ice_servers: Sequence[IceServer] | None = None) -> None:
-        """Prepare to watch ``session_id`` on ``server``; ``ice_servers`` None: the server's."""
+                 ice_servers: Sequence[IceServer] | None = None, token: str | None = None) -> None:
+        """Prepare to watch ``session_id`` on ``server`` with ``token`` (the session's view token, or the API key);
+        ``ice_servers`` None: the server's."""
         self.server = server
         self.session_id = session_id
+        self.token = token
         self.ice_servers = ice_servers
         self.pc: RTCPeerConnection | None = None
         self.recorder = Recorder(max_seconds=max_seconds)
@@ -250,7 +261,8 @@ class WhepViewer:
         self.pc = await _peer(self.server, self.ice_servers)
         self.pc.addTransceiver("video", direction="recvonly")
         self.pc.addTransceiver("audio", direction="recvonly")
-        self.location, answer = await _post_offer(self.pc, _http_url(self.server, f"/whep/{self.session_id}"), "WHEP")
+        self.location, answer, _ = await _post_offer(self.pc, _http_url(self.server, f"/whep/{self.session_id}"),
+                                                     "WHEP", self.token)
         await self.pc.setRemoteDescription(answer)
         self.recorder.attach(self.pc)
         self.connected_at = await _connected(self.pc, CONNECT_TIMEOUT_S)

@@ -24,7 +24,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return _serve_cluster(args, settings)
     if run_torchrun_rank(settings):
         return 0
-    serve(settings, args.host or settings.server.host, args.port or settings.server.port)
+    serve(settings, args.host or settings.server.host, args.port or settings.server.port, insecure=args.insecure)
     return 0
 
 
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--host", default=None)
     sp.add_argument("--port", type=int, default=None)
+    sp.add_argument("--insecure", action="store_true",
+                    help="serve a non-loopback --host without an API key (server.auth.api_key): only where a trusted "
+                         "network or proxy guards the port (docs/security.md)")
     sp.add_argument("--cluster", metavar="ADDRESS", default=None,
                     help="run a front door of the Ray cluster at ADDRESS (HEAD:PORT): sessions go to the avatar hosts "
                          "of its nodes that advertise avatar_slots (docs/scale-out.md)")

@@ -84,7 +84,7 @@ class Session:
         self.handle = handle
         self._manager = manager
         self._metrics = manager.metrics
-        self._ice_servers = manager.settings.server.ice_servers
+        self._ice_servers = [s.with_credentials() for s in manager.settings.server.ice_servers]  # TURN: minted
         self.clock = SessionClock()
         self.feed = AudioFeed(handle, fps=eng.fps, delay_s=delay_s, metrics=self._metrics)
         self.output = SessionOutput(self.clock, eng.fps, self.feed, eng.ring, eng.width, eng.height, delay_s,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,7 +105,9 @@ def check_ice_url(url: str) -> str:
 
 
 class IceServer(BaseModel):
-    """One STUN or TURN server, as a browser's ``RTCIceServer``: ``urls`` and, for TURN, username and credential.
+    """One STUN or TURN server, as a browser's ``RTCIceServer``: ``urls`` and, for TURN, username and credential —
+    fixed, or minted per use from a ``secret`` shared with the TURN server (coturn ``use-auth-secret``: the TURN REST
+    API's username ``<expiry>:live-avatar`` and credential base64(HMAC-SHA1(secret, username)), valid ``ttl_s``).
 
     A plain string stands for ``{"urls": [string]}``.
     """
@@ -110,7 +116,10 @@ class IceServer(BaseModel):
 
     urls: list[str] = Field(min_length=1, description="stun:/stuns:/turn:/turns: URLs of one server.")
     username: str | None = None
-    credential: str | None = None
+    credential: str | None = Field(None, repr=False)
+    secret: str | None = Field(None, repr=False, description="coturn's static-auth-secret: credentials are minted "
+                               "per page load / session instead of fixed ones.")
+    ttl_s: float = Field(24 * 3600, gt=0, description="Lifetime of minted credentials.")
 
     @model_validator(mode="before")
     @classmethod
@@ -130,13 +139,106 @@ class IceServer(BaseModel):
     @model_validator(mode="after")
     def _turn_needs_credentials(self) -> IceServer:
         turn = [url for url in self.urls if url.startswith("turn")]
-        if turn and (self.username is None or self.credential is None):
-            raise ValueError(f"TURN server {turn[0]!r} needs a username and a credential")
+        if self.secret is not None:
+            if not turn or self.credential is not None:
+                raise ValueError("a secret mints TURN credentials: give it to turn:/turns: URLs, without a credential")
+        elif turn and (self.username is None or self.credential is None):
+            raise ValueError(f"TURN server {turn[0]!r} needs a username and a credential (or the secret its "
+                             "use-auth-secret shares)")
         return self
 
+    def with_credentials(self, now: float | None = None) -> IceServer:
+        """This server with usable credentials: minted from ``secret`` to expire ``ttl_s`` after ``now`` (default:
+        the current time), else as configured."""
+        if self.secret is None:
+            return self
+        username = f"{int((time.time() if now is None else now) + self.ttl_s)}:{self.username or 'live-avatar'}"
+        digest = hmac.new(self.secret.encode(), username.encode(), hashlib.sha1).digest()
+        return IceServer(urls=self.urls, username=username, credential=base64.b64encode(digest).decode())
+
     def for_browser(self) -> dict[str, Any]:
-        """The ``RTCIceServer`` dictionary a page passes to ``new RTCPeerConnection``."""
-        return self.model_dump(exclude_none=True)
+        """The ``RTCIceServer`` dictionary a page passes to ``new RTCPeerConnection`` (fresh minted credentials)."""
+        return self.with_credentials().model_dump(exclude_none=True, exclude={"ttl_s"})
+
+
+KEY_HINT = "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
+
+
+class AuthSettings(BaseModel):
+    """Who may do what (docs/security.md): the operator's API key and the per-session tokens the talker shares."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: str | None = Field(None, repr=False, description="Operator key, sent as `Authorization: Bearer KEY`: "
+                                "lists sessions in /health, reads /metrics, controls any session, publishes over "
+                                "WHIP. None: no key, allowed only on a loopback bind (or `serve --insecure`); then "
+                                "/health and /metrics are open, and sessions still need their tokens.")
+    token_secret: str | None = Field(None, repr=False, description="Secret that signs session tokens "
+                                     "(HMAC-SHA256); None = random per process (tokens end with it, like sessions). "
+                                     "Set the same one on front doors that must accept each other's tokens.")
+    token_ttl_s: float = Field(6 * 3600, gt=0, description="Lifetime of a session's view and control tokens; a "
+                               "connected viewer keeps watching past it, a new connection needs a fresh token.")
+    publish: Literal["anyone", "key"] = Field("anyone", description="Who may start sessions (talk page, WHIP): "
+                                              "'anyone' who reaches the server (bounded by max_sessions and the "
+                                              "rate limits) or only holders of the API key.")
+    public_metrics: bool = Field(False, description="Serve /metrics without the API key (its labels name the "
+                                 "session ids).")
+
+    @field_validator("api_key", "token_secret")
+    @classmethod
+    def _long_enough(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < 16:
+            raise ValueError(f"needs at least 16 characters; {KEY_HINT}")
+        return value
+
+    @model_validator(mode="after")
+    def _publish_needs_key(self) -> AuthSettings:
+        if self.publish == "key" and self.api_key is None:
+            raise ValueError(f"publish: 'key' needs an api_key; {KEY_HINT}")
+        return self
+
+
+def check_origin(origin: str) -> str:
+    """``origin`` lower-cased if it is a browser origin ``scheme://host[:port]`` (no path); else a ``ValueError``."""
+    if not ORIGIN.fullmatch(origin):
+        raise ValueError(f"{origin!r} is not an origin; write it as a browser sends it, e.g. https://app.example.org "
+                         "or http://localhost:3000 (no path, no trailing slash)")
+    return origin.lower()
+
+
+class GuardSettings(BaseModel):
+    """Browser safety and abuse limits in front of every endpoint (signaling/guard.py); limits count per client
+    address."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names served besides IP addresses, "
+                                     "localhost and the bind host (DNS-rebinding defence); '*.example.org' also "
+                                     "matches its subdomains, '*' matches any name (turns the defence off).")
+    allowed_origins: list[str] = Field(default_factory=list, description="Origins of other sites' pages that may "
+                                       "use /ws and POST here; the server's own pages always may.")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins that get CORS headers (WHIP/WHEP "
+                                    "players on other sites); they are allowed origins too.")
+    trusted_proxies: list[str] = Field(default_factory=list, description="Addresses of reverse proxies whose "
+                                       "X-Forwarded-For names the client (for the per-address limits).")
+    http_rate: float = Field(20.0, gt=0, description="HTTP requests per second per address, sustained.")
+    http_burst: int = Field(60, ge=1, description="HTTP requests per address allowed at once.")
+    ws_rate: float = Field(10.0, gt=0, description="WebSocket messages per second per address, sustained.")
+    ws_burst: int = Field(40, ge=1, description="WebSocket messages per address allowed at once; beyond the rate "
+                          "the socket is closed (1008).")
+    ws_per_address: int = Field(8, ge=1, description="Open signaling WebSockets per address.")
+    ws_total: int = Field(256, ge=1, description="Open signaling WebSockets in all.")
+
+    @field_validator("allowed_origins", "cors_origins")
+    @classmethod
+    def _origins(cls, values: list[str]) -> list[str]:
+        return [check_origin(v) for v in values]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, values: list[str]) -> list[str]:
+        return [v.lower().rstrip(".") for v in values]
 
 
 class ServerSettings(BaseModel):
@@ -154,6 +256,11 @@ class ServerSettings(BaseModel):
                                          "peers, the pages and `live-avatar client` (e.g. [\"stun:stun.example.org\", "
                                          "{urls: [\"turn:turn.example.org\"], username: u, credential: p}]); empty = "
                                          "host candidates only (loopback/LAN), nothing is contacted.")
+    auth: AuthSettings = AuthSettings()
+    guard: GuardSettings = GuardSettings()
+
+
+RTMP_HOST_PATTERN = re.compile(r"(?P<host>\[[0-9A-Fa-f:.*]+\]|[A-Za-z0-9*_.-]+)(?::(?P<port>[0-9]{1,5}))?")
 
 
 class OutputSettings(BaseModel):

@@ -11,7 +11,10 @@ from live.session import SessionManager
 from live.settings import Settings
 
 from . import http, rest, whep, whip, ws
+from .auth import Auth, check_exposure
+from .guard import GUARD, Guard, guard_requests
 from .images import ImageStore
+from .logs import quiet_client_faults
 from .state import STATE, ServerState
 
 log = logging.getLogger(__name__)
@@ -19,8 +22,10 @@ log = logging.getLogger(__name__)
 
 def base_app() -> web.Application:
     """An application with the middlewares and the routes that hold no session state (pages, samples, static
-    files): :func:`create_app` adds the sessions; a cluster front door (``cluster/``) forwards them to hosts."""
-    app = web.Application(middlewares=[http.json_errors])
+    files): :func:`create_app` adds the sessions; a cluster front door (``cluster/``) forwards them to hosts.
+
+    The request guard (Host, Origin, rate limits) applies once ``app[GUARD]`` is set, as :func:`create_app` does."""
+    app = web.Application(middlewares=[guard_requests, http.json_errors])
     app.add_routes([
         web.get("/", http.index),
         web.get("/view/{session}", http.view),
@@ -32,12 +37,15 @@ def base_app() -> web.Application:
 
 
 def create_app(settings: Settings) -> web.Application:
-    """Build the application; the models load (on worker threads) when it starts up."""
+    """Build the application for a server bound to ``settings.server.host``; the models load (on worker threads)
+    when it starts up."""
     metrics = ServerMetrics()
     state = ServerState(settings=settings, manager=SessionManager(settings, metrics), metrics=metrics,
-                        images=ImageStore(settings.server.max_upload_bytes, settings.server.max_image_side))
+                        images=ImageStore(settings.server.max_upload_bytes, settings.server.max_image_side),
+                        auth=Auth(settings.server.auth))
     app = base_app()
     app[STATE] = state
+    app[GUARD] = Guard(settings.server.guard, settings.server.host)
 
     async def start(app: web.Application) -> None:
         await state.manager.start()
@@ -59,6 +67,7 @@ def create_app(settings: Settings) -> web.Application:
         web.get("/metrics", http.metrics),
         web.post("/api/images", http.upload_image),
         web.get("/api/config", http.client_config),
+        web.get("/api/sessions/{session}/tokens", rest.tokens),
         web.post("/api/sessions/{session}/rtmp", rest.start_rtmp),
         web.get("/api/sessions/{session}/rtmp", rest.rtmp_status),
         web.delete("/api/sessions/{session}/rtmp", rest.stop_rtmp),
@@ -66,10 +75,14 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
-    """Serve until interrupted; prints the URL to open once the model is loaded."""
+def serve(settings: Settings, host: str, port: int, insecure: bool = False) -> None:
+    """Serve until interrupted; prints the URL to open once the model is loaded. Without an API key only a loopback
+    ``host`` is served, unless ``insecure`` (raises ``ConfigError``)."""
+    check_exposure(host, settings.server.auth, insecure)
+    settings = settings.model_copy(update={"server": settings.server.model_copy(update={"host": host, "port": port})})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aioice").setLevel(logging.WARNING)
+    quiet_client_faults()
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{shown}:{port}/"
 

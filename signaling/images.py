@@ -6,9 +6,10 @@ import asyncio
 import io
 import secrets
 import time
+import warnings
 from collections import OrderedDict
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from live.images import ImageError, builtin_characters, load_image
 from live.session import SessionOptions
@@ -17,6 +18,10 @@ ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp
 MAX_UPLOADS = 8
 UPLOAD_TTL_S = 3600.0
 MAX_PROMPT_CHARS = 1000
+BOMBS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+# An image past PIL's pixel limit is refused, not decoded with a warning on stderr.
+warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 class ImageStore:
@@ -33,12 +38,24 @@ class ImageStore:
         if len(data) > self.max_bytes:
             raise ImageError(f"image is {len(data)} bytes, more than the {self.max_bytes}-byte limit")
         try:
-            fmt = Image.open(io.BytesIO(data)).format
-        except (UnidentifiedImageError, OSError) as exc:
+            header = Image.open(io.BytesIO(data))
+        except BOMBS:
+            raise ImageError(f"the image has too many pixels to decode safely; scale it to at most {self.max_side} "
+                             "px per side") from None
+        except Exception as exc:  # noqa: BLE001 - PIL's format plugins raise many kinds on hostile headers
             raise ImageError("not an image (PNG, JPEG or WebP expected)") from exc
-        if fmt not in ALLOWED_FORMATS:
-            raise ImageError(f"{fmt} images are not accepted; use PNG, JPEG or WebP")
-        return load_image(data, max_side=self.max_side, max_bytes=self.max_bytes)
+        if header.format not in ALLOWED_FORMATS:
+            raise ImageError(f"{header.format} images are not accepted; use PNG, JPEG or WebP")
+        width, height = header.size
+        if max(width, height) > self.max_side:
+            raise ImageError(f"the image is {width}x{height}, larger than {self.max_side} px per side; scale it down")
+        try:
+            return load_image(data, max_side=self.max_side, max_bytes=self.max_bytes)
+        except ImageError as exc:
+            raise ImageError(str(exc).removeprefix("upload: ")) from None
+        except Exception as exc:  # noqa: BLE001 - a corrupt image body can fail in any of PIL's decoders
+            raise ImageError(f"the image data is corrupt ({exc.__class__.__name__}: {exc}); re-export it as PNG or "
+                             "JPEG") from None
 
     def add(self, data: bytes) -> str:
         """Keep validated bytes; returns their id."""

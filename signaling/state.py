@@ -1,4 +1,4 @@
-"""What every signaling handler shares: settings, the session manager, metrics, uploaded images."""
+"""What every signaling handler shares: settings, the session manager, metrics, uploaded images, access rules."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from live.metrics import ServerMetrics
 from live.session import SessionManager
 from live.settings import Settings
 
+from .auth import Auth
 from .images import ImageStore
 
 RETRY_AFTER_S = 10
@@ -23,6 +24,7 @@ class ServerState:
     manager: SessionManager
     metrics: ServerMetrics
     images: ImageStore
+    auth: Auth
 
 
 STATE = web.AppKey("state", ServerState)

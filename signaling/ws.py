@@ -3,34 +3,38 @@
 Client → server::
 
     {"type": "offer", "sdp": "...", "image": "<sample name | upload id | null>", "prompt": "...",
-     "rtmp": "<rtmp://host/app/key | null>"}
+     "rtmp": "<rtmp://host/app/key | null>", "key": "<API key, when server.auth.publish is 'key'>"}
     {"type": "candidate", "candidate": "candidate:...", "sdpMid": "0", "sdpMLineIndex": 0}
     {"type": "prompt", "prompt": "..."}          (mid-session; takes effect at the next block)
     {"type": "rtmp", "url": "rtmp://..." | null} (start / replace / stop the session's RTMP push)
     {"type": "bye"}
 
-Server → client: ``answer`` (with ``session_id``), ``stats`` (every second, with the RTMP status), ``prompt``
-(ack), ``rtmp`` (ack with the push status), ``ended``
-(with ``reason``) and ``error`` (with ``message``). An error never closes the connection; only messages larger
-than the protocol limit do (close code 1009).
+Server → client: ``answer`` (with ``session_id``, the session's ``view_token`` and ``control_token``, their
+``expires_at`` and ``view_url``, the viewer link carrying the view token), ``stats`` (every second, with the RTMP
+status), ``prompt`` (ack), ``rtmp`` (ack with the push status), ``ended`` (with ``reason``) and ``error`` (with
+``message``). An error never closes the connection; messages larger than the protocol limit do (close code 1009),
+and so do messages beyond the address's rate (1008, ``server.guard.ws_rate``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Annotated, Literal, Union
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from live.peer import MAX_SDP_BYTES, OfferError, parse_offer
+from live.peer import MAX_SDP_BYTES, OfferError
 from live.session import AdmissionError, EngineStartError, Session
-from live.sinks.rtmp import MAX_URL_CHARS, RtmpUrlError, check_url
+from live.sinks.rtmp import MAX_URL_CHARS, RtmpUrlError
 from live.sinks.tracks import check_h264_offer
 
+from .guard import GUARD
+from .http import parse_json
 from .images import MAX_PROMPT_CHARS, resolve_options
+from .rest import check_rtmp_url
+from .sdp import answer, check_candidate, check_offer
 from .state import STATE, ServerState
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,7 @@ class OfferMessage(_Message):
     image: str | None = Field(None, max_length=200)
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     rtmp: str | None = Field(None, max_length=MAX_URL_CHARS)
+    key: str | None = Field(None, max_length=512)
 
 
 class CandidateMessage(_Message):
@@ -60,8 +65,8 @@ class CandidateMessage(_Message):
 
     type: Literal["candidate"]
     candidate: str | None = Field(None, max_length=2048)
-    sdpMid: str | None = None
-    sdpMLineIndex: int | None = None
+    sdpMid: str | None = Field(None, max_length=64)
+    sdpMLineIndex: int | None = Field(None, ge=0, le=1024)
 
 
 class PromptMessage(_Message):
@@ -121,9 +126,9 @@ class _Connection:
             await self.error(f"message of {len(text)} bytes is larger than the {MAX_MESSAGE_BYTES}-byte limit")
             return
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            await self.error(f"not valid JSON: {exc}")
+            data = parse_json(text)
+        except ValueError as exc:
+            await self.error(str(exc))
             return
         if not isinstance(data, dict) or not isinstance(data.get("type"), str):
             await self.error('each message must be a JSON object with a "type" field')
@@ -152,10 +157,15 @@ class _Connection:
             await self.error("this connection already has a session; send bye first or open a new connection")
             return
         try:
-            parse_offer(msg.sdp, need=("audio", "video"))
+            self.state.auth.require_publisher(msg.key, how='send it as "key" in the offer message')
+        except web.HTTPException as exc:
+            await self.error(exc.text or exc.reason)
+            return
+        try:
+            check_offer(msg.sdp, need=("audio", "video"))
             check_h264_offer(msg.sdp)  # before an engine starts for an offer we could not serve
             options = await resolve_options(self.state.images, msg.image, msg.prompt)
-            rtmp_url = check_url(msg.rtmp) if msg.rtmp else None
+            rtmp_url = check_rtmp_url(msg.rtmp) if msg.rtmp else None
         except (OfferError, RtmpUrlError, ValueError) as exc:
             await self.error(str(exc))
             return
@@ -165,16 +175,13 @@ class _Connection:
             await self.error(str(exc))
             return
         try:
-            answer = await session.connect_talker(msg.sdp)
+            sdp_answer = await answer(session, session.connect_talker(msg.sdp))
         except OfferError as exc:
-            await session.close("offer rejected")
             await self.error(str(exc))
             return
         self.session = session
-        await self.send({
-            "type": "answer", "sdp": answer, "session_id": session.id, "view_url": f"/view/{session.id}",
-            **session.stream_info(),
-        })
+        await self.send({"type": "answer", "sdp": sdp_answer, "session_id": session.id,
+                         **self.state.auth.tokens(session.id), **session.stream_info()})
         if rtmp_url is not None:
             await session.start_rtmp(rtmp_url)
         self._spawn(self._report(session))
@@ -186,6 +193,7 @@ class _Connection:
         if not msg.candidate:
             return
         try:
+            check_candidate(msg.candidate)
             await self.session.add_talker_candidate(msg.candidate, msg.sdpMid, msg.sdpMLineIndex)
         except OfferError as exc:
             await self.error(str(exc))
@@ -203,7 +211,7 @@ class _Connection:
             return
         if msg.url:
             try:
-                status = await self.session.start_rtmp(msg.url)
+                status = await self.session.start_rtmp(check_rtmp_url(msg.url))
             except RtmpUrlError as exc:
                 await self.error(str(exc))
                 return
@@ -243,13 +251,29 @@ class _Connection:
             task.cancel()
 
 
-async def websocket(request: web.Request) -> web.WebSocketResponse:
-    """GET /ws: one signaling connection."""
+async def websocket(request: web.Request) -> web.StreamResponse:
+    """GET /ws: one signaling connection (at most ``ws_per_address`` open per client address)."""
+    guard = request.app[GUARD]
+    address = guard.client_address(request)
+    guard.open_socket(address)
+    try:
+        return await _serve(request, address)
+    finally:
+        guard.close_socket(address)
+
+
+async def _serve(request: web.Request, address: str) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=PROTOCOL_MAX_MESSAGE_BYTES)
     await ws.prepare(request)
     conn = _Connection(ws, request.app[STATE])
+    guard = request.app[GUARD]
     try:
         async for msg in ws:
+            if not guard.message_allowed(address):
+                log.info("signaling connection from %s closed: over the message rate", address)
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION,
+                               message=b"too many messages: the limit is %g per second" % guard.settings.ws_rate)
+                break
             if msg.type == WSMsgType.TEXT:
                 try:
                     await conn.handle(msg.data)

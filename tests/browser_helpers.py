@@ -43,7 +43,8 @@ async def launch_browser(playwright, wav: Path):
 @asynccontextmanager
 async def viewer_of_whip_session(server_url: str, wav: Path, voice: np.ndarray, viewport: dict[str, int],
                                  query: str = "") -> AsyncIterator:
-    """A WHIP session driven by ``voice`` (16 kHz) and a page of the given size on ``/view/{session}{query}``.
+    """A WHIP session driven by ``voice`` (16 kHz) and a page of the given size on its viewer link (the view token
+    from the WHIP response) with ``query`` (``?…``) added.
 
     Yields the page; on exit the browser closes and the session's WHIP resource is deleted (asserting 200).
     """
@@ -56,7 +57,8 @@ async def viewer_of_whip_session(server_url: str, wav: Path, voice: np.ndarray, 
             browser = await launch_browser(p, wav)
             try:
                 page = await browser.new_page(viewport=viewport)
-                await page.goto(f"{server_url}/view/{publisher.session_id}{query}")
+                extra = f"&{query.removeprefix('?')}" if query else ""
+                await page.goto(f"{server_url}/view/{publisher.session_id}?token={publisher.view_token}{extra}")
                 yield page
             finally:
                 await browser.close()

@@ -54,17 +54,22 @@ def make_speechlike(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndar
 # ----- live server fixtures (signaling/, live/session.py, live/client.py) --------------------------------
 @pytest.fixture(scope="session")
 def server_url():
-    """A real server (built-in tiny profile, max_sessions 2) in its own process on a free loopback port.
+    """A real server (built-in tiny profile, max_sessions 2) in its own process on a free loopback port, with the
+    API key and token secret of tests/server_helpers.py.
 
     Its log goes to artifacts/server-tests.log; it is interrupted (graceful shutdown) at the end.
     """
     from cli.server_process import ServerProcess
-    from live.settings import load_settings
+    from live.settings import AuthSettings, load_settings
+    from tests.server_helpers import API_KEY, TOKEN_SECRET
 
+    settings = load_settings("configs/tiny.yaml")
+    auth = AuthSettings(api_key=API_KEY, token_secret=TOKEN_SECRET)
+    settings = settings.model_copy(update={"server": settings.server.model_copy(update={"auth": auth})})
     ARTIFACTS.mkdir(exist_ok=True)
     with open(ARTIFACTS / "server-tests.log", "w") as log:
         try:
-            with ServerProcess(load_settings("configs/tiny.yaml"), log=log) as url:
+            with ServerProcess(settings, log=log) as url:
                 yield url
         except (RuntimeError, TimeoutError) as exc:
             pytest.fail(f"{exc}; see {ARTIFACTS / 'server-tests.log'}")

@@ -1,4 +1,4 @@
-"""Helpers shared by the live-server tests: polling /health and /metrics of a running server."""
+"""Helpers shared by the live-server tests: the test server's credentials, polling /health and /metrics."""
 
 from __future__ import annotations
 
@@ -8,18 +8,23 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+# The shared test server (tests/conftest.py `server_url`) runs with this API key and token secret.
+API_KEY = "test-operator-key-0123456789"
+TOKEN_SECRET = "test-token-secret-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
-async def get_json(url: str) -> dict:
-    """GET a JSON document."""
+
+async def get_json(url: str, headers: dict[str, str] = AUTH) -> dict:
+    """GET a JSON document (as the operator, by default: a server without a key ignores it)."""
     async with aiohttp.ClientSession() as http:
-        async with http.get(url) as resp:
+        async with http.get(url, headers=headers) as resp:
             return await resp.json()
 
 
-async def get_text(url: str) -> str:
-    """GET a text document."""
+async def get_text(url: str, headers: dict[str, str] = AUTH) -> str:
+    """GET a text document (as the operator, by default)."""
     async with aiohttp.ClientSession() as http:
-        async with http.get(url) as resp:
+        async with http.get(url, headers=headers) as resp:
             return await resp.text()
 
 

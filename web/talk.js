@@ -7,7 +7,7 @@ const ui = {
   images: $("images"), upload: $("upload"), prompt: $("prompt"), applyPrompt: $("apply-prompt"),
   viewLink: $("view-link"), state: $("st-state"), fps: $("st-fps"), latency: $("st-latency"),
   repeated: $("st-repeated"), session: $("st-session"), rtmpUrl: $("rtmp-url"), rtmpToggle: $("rtmp-toggle"),
-  rtmp: $("st-rtmp"),
+  rtmp: $("st-rtmp"), access: $("access"), apiKey: $("api-key"),
 };
 
 let chosenImage = null; // a sample name or an upload id; null = the server's default character
@@ -86,13 +86,20 @@ function waitForIceGathering(pc, timeoutMs) {
 async function start() {
   showError("");
   ui.start.disabled = true;
-  let iceServers; // STUN/TURN from the server's settings (server.ice_servers); none needed on loopback/LAN
+  let config; // ice_servers: STUN/TURN from the server's settings (none needed on loopback/LAN); publish_needs_key
   try {
-    const config = await fetch("/api/config");
-    if (!config.ok) throw new Error(`HTTP ${config.status}`);
-    iceServers = (await config.json()).ice_servers;
+    const resp = await fetch("/api/config");
+    if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+    config = await resp.json();
   } catch (err) {
     showError(`Cannot read the server's configuration (/api/config): ${err.message || err}`);
+    ui.start.disabled = false;
+    return;
+  }
+  ui.access.hidden = !config.publish_needs_key;
+  const key = config.publish_needs_key ? ui.apiKey.value.trim() : null;
+  if (config.publish_needs_key && !key) {
+    showError("This server starts sessions only with its API key: enter it under Access.");
     ui.start.disabled = false;
     return;
   }
@@ -108,7 +115,7 @@ async function start() {
     ui.start.disabled = false;
     return;
   }
-  const pc = new RTCPeerConnection({ iceServers });
+  const pc = new RTCPeerConnection({ iceServers: config.ice_servers });
   const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
   call = { pc, ws, mic, statsTimer: null, serverLatency: null, lastFrames: null, lastTime: null };
 
@@ -144,7 +151,7 @@ async function start() {
   setState("connecting…");
   await pc.setLocalDescription(await pc.createOffer());
   await waitForIceGathering(pc, 2000);
-  ws.send(JSON.stringify({ type: "offer", sdp: pc.localDescription.sdp, image: chosenImage,
+  ws.send(JSON.stringify({ type: "offer", sdp: pc.localDescription.sdp, image: chosenImage, key,
                            prompt: ui.prompt.value, rtmp: rtmpWanted ? ui.rtmpUrl.value.trim() : null }));
   ui.stop.disabled = false;
 }
@@ -157,7 +164,8 @@ async function onServerMessage(msg) {
       call.answered = true;
       call.serverLatency = msg.latency_s;
       ui.session.textContent = msg.session_id;
-      ui.viewLink.href = msg.view_url;
+      ui.viewLink.href = msg.view_url; // carries the session's view token: whoever has the link can watch
+      ui.viewLink.title = `Share to let others watch (OBS browser source, calls); valid until ${msg.expires_at}`;
       ui.viewLink.hidden = false;
       ui.applyPrompt.disabled = false;
       call.statsTimer = setInterval(updateStats, 1000);

@@ -1,5 +1,6 @@
 // Viewer page for OBS browser sources and screen sharing into calls: watches /view/{session} over WHEP, fills the
 // frame, and reconnects on its own (backing off while the session is not there).
+//   ?token=…                                       the session's view token (the talk page's viewer link has it)
 //   ?bg=transparent | ?bg=%23112233 | ?bg=112233   background (transparent for OBS keying; default black)
 //   ?fit=cover                                     fill the frame by cropping (default: contain, letterboxed)
 //   ?quiet=1                                       never show status notes (e.g. "waiting for the session…")
@@ -17,6 +18,7 @@ const bg = params.get("bg");
 if (bg) document.body.style.setProperty("--view-bg", /^[0-9a-f]{3,8}$/i.test(bg) ? `#${bg}` : bg);
 if (params.get("fit") === "cover") document.body.classList.add("cover");
 const quiet = params.get("quiet") === "1";
+const token = params.get("token");
 
 let pc = null;
 let resource = null;
@@ -26,6 +28,14 @@ let graceTimer = null;
 function say(text) {
   note.textContent = text;
   note.hidden = quiet || !text;
+}
+
+// A refusal that retrying cannot fix (a missing, wrong or expired token): shown even when quiet.
+class Refused extends Error {}
+
+function refuse(text) {
+  note.textContent = text;
+  note.hidden = false;
 }
 
 async function connect() {
@@ -65,11 +75,14 @@ async function connect() {
     setTimeout(resolve, 2000);
   });
   const resp = await fetch(`/whep/${encodeURIComponent(sessionId)}`, {
-    method: "POST", body: pc.localDescription.sdp, headers: { "Content-Type": "application/sdp" },
+    method: "POST", body: pc.localDescription.sdp,
+    headers: { "Content-Type": "application/sdp", "Authorization": `Bearer ${token}` },
   });
   if (resp.status !== 201) {
     const body = await resp.json().catch(() => ({}));
-    throw new Error(resp.status === 404 ? "waiting for the session to start…" : (body.message || resp.statusText));
+    const message = body.message || resp.statusText;
+    if (resp.status === 401 || resp.status === 403) throw new Refused(`This viewer link does not work: ${message}`);
+    throw new Error(resp.status === 404 ? "waiting for the session to start…" : message);
   }
   resource = resp.headers.get("Location");
   await pc.setRemoteDescription({ type: "answer", sdp: await resp.text() });
@@ -88,12 +101,18 @@ function retry(reason) {
 }
 
 function start() {
-  connect().catch((err) => retry(err.message || String(err)));
+  connect().catch((err) => {
+    if (!(err instanceof Refused)) { retry(err.message || String(err)); return; }
+    if (pc) pc.close();
+    pc = null;
+    refuse(err.message);
+  });
 }
 
 window.addEventListener("pagehide", () => {
   if (resource) fetch(resource, { method: "DELETE", keepalive: true });
 });
 
-if (!sessionId) say("no session id in the URL: open /view/<session id>");
+if (!sessionId) refuse("no session id in the URL: open /view/<session id>?token=<view token>");
+else if (!token) refuse("this viewer link has no ?token=…: copy the whole link from the talk page");
 else start();

@@ -16,6 +16,7 @@ from live.sinks.encoder import SharedAudioEncoder, SharedVideoEncoder
 from live.sinks.rtmp import RtmpPush, RtmpUrlError, check_url, redact
 from tests.conftest import ARTIFACTS
 from tests.output_helpers import FlashSource, beep_times, flash_times, read_stream
+from tests.server_helpers import AUTH
 
 pytestmark = pytest.mark.rtmp
 
@@ -96,7 +97,7 @@ async def test_a_running_session_pushes_to_rtmp_started_over_websocket_and_stopp
     api = None
     try:
         async with websockets.connect(server_url.replace("http://", "ws://") + "/ws") as ws, \
-                aiohttp.ClientSession() as http:
+                aiohttp.ClientSession(headers=AUTH) as http:  # the operator's key: REST control and listing
             await ws.send(json.dumps({"type": "offer", "sdp": pc.localDescription.sdp, "rtmp": "http://nope/x"}))
             assert "rtmp://" in (await _next(ws, "error"))["message"]
             await ws.send(json.dumps({"type": "offer", "sdp": pc.localDescription.sdp,

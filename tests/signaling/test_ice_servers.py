@@ -5,6 +5,9 @@ pages and to the bundled client."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import socket
 import threading
@@ -120,6 +123,27 @@ def test_a_malformed_ice_server_in_the_environment_names_the_variable(monkeypatc
         load_settings("configs/tiny.yaml")
 
 
+def test_turn_credentials_are_minted_from_the_secret_shared_with_coturn() -> None:
+    """coturn's use-auth-secret (TURN REST API): username '<expiry>:<name>', credential
+    base64(HMAC-SHA1(static-auth-secret, username)); the pages, the client and the server's own peers get fresh ones."""
+    server = IceServer(urls=["turn:turn.example.org:3478"], secret="coturn-static-auth-secret", ttl_s=600)
+    minted = server.with_credentials(now=1_000_000)
+    assert minted.username == "1000600:live-avatar" and minted.secret is None
+    digest = hmac.new(b"coturn-static-auth-secret", b"1000600:live-avatar", hashlib.sha1).digest()
+    assert minted.credential == base64.b64encode(digest).decode()
+    assert rtc_configuration([minted]).iceServers[0].credential == minted.credential
+    page = server.for_browser()
+    assert set(page) == {"urls", "username", "credential"}
+    assert time.time() + 590 < int(page["username"].split(":")[0]) <= time.time() + 601
+    assert "coturn-static-auth-secret" not in repr(server)
+    named = IceServer(urls=["turns:turn.example.org"], username="studio", secret="s" * 16).with_credentials(now=0)
+    assert named.username == "86400:studio"
+    for entry, complaint in [({"urls": "stun:s.example.org", "secret": "x"}, "give it to turn:/turns: URLs"),
+                             ({"urls": "turn:t.example.org", "secret": "x", "credential": "c"}, "without a credential")]:
+        with pytest.raises(ConfigError, match=complaint):
+            load_settings("configs/tiny.yaml", server={"ice_servers": [entry]})
+
+
 def test_the_client_takes_ice_servers_as_urls_or_json(capsys) -> None:
     assert parse_ice_server("stun:127.0.0.1:3478").urls == ["stun:127.0.0.1:3478"]
     assert parse_ice_server(json.dumps(TURN)).for_browser() == TURN
@@ -193,7 +217,7 @@ def ice_server_url(stun_port) -> Iterator[tuple[str, list[dict]]]:
 
 async def test_the_server_hands_its_ice_servers_to_the_client(ice_server_url) -> None:
     url, expected = ice_server_url
-    assert await get_json(url + "/api/config") == {"ice_servers": expected}
+    assert await get_json(url + "/api/config") == {"ice_servers": expected, "publish_needs_key": False}
     publisher = WhipPublisher(url, make_speechlike(2.0))
     await asyncio.wait_for(publisher.start(), 60)
     try:
@@ -223,7 +247,7 @@ async def test_the_talk_and_viewer_pages_use_the_servers_ice_servers(ice_server_
         try:
             page = await browser.new_page()
             await page.add_init_script(RECORD_CONFIGS)
-            await page.goto(f"{url}/view/no-such-session?quiet=1")
+            await page.goto(f"{url}/view/no-such-session?quiet=1&token=none")
             await page.wait_for_function("window.iceConfigs.length > 0", timeout=30_000)
             assert await page.evaluate("window.iceConfigs[0]") == {"iceServers": expected}
 

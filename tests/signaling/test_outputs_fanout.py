@@ -12,7 +12,7 @@ from cli.client import WhepViewer, talk
 from live.metrics import ServerMetrics
 from live.settings import OutputSettings
 from live.sinks.encoder import SharedVideoEncoder
-from tests.server_helpers import get_json, get_text, wait_until
+from tests.server_helpers import API_KEY, AUTH, get_json, get_text, wait_until
 
 VIEWERS = 3
 WATCH_S = 4.0
@@ -67,7 +67,7 @@ async def test_talker_and_three_whep_viewers_share_one_encode(server_url, speech
     try:
         await wait_until(started, 60, "the talker's session")
         session_id = found[0]
-        viewers = [WhepViewer(server_url, session_id) for _ in range(VIEWERS)]
+        viewers = [WhepViewer(server_url, session_id, token=API_KEY) for _ in range(VIEWERS)]
         await asyncio.gather(*(v.start() for v in viewers))
 
         async def all_consuming() -> bool:
@@ -113,6 +113,7 @@ async def _vp8_only_viewer(server_url: str, session_id: str) -> str:
     from cli.client import new_peer
 
     pc = new_peer()
+    pc.addTransceiver("audio", direction="recvonly")
     transceiver = pc.addTransceiver("video", direction="recvonly")
     transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
                                      if c.mimeType.lower() == "video/vp8"])
@@ -120,7 +121,7 @@ async def _vp8_only_viewer(server_url: str, session_id: str) -> str:
     try:
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{server_url}/whep/{session_id}", data=pc.localDescription.sdp,
-                                 headers={"Content-Type": "application/sdp"}) as resp:
+                                 headers={"Content-Type": "application/sdp", **AUTH}) as resp:
                 assert resp.status == 400, resp.status
                 return (await resp.json())["message"]
     finally:

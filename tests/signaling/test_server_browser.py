@@ -32,6 +32,13 @@ async def test_talk_page_start_plays_the_avatar_and_shows_stats(server_url, spee
         assert "s" in await page.text_content("#st-latency")
         assert await page.evaluate("!document.getElementById('avatar').paused")
         await page.screenshot(path=str(ARTIFACTS / "talk_page.png"))
+        # The viewer link the talk page shows carries the session's view token: another page can watch with it.
+        link = await page.get_attribute("#view-link", "href")
+        assert link.startswith(f"/view/{session_id}?token={session_id}.view."), link
+        viewer = await page.context.browser.new_page()
+        await viewer.goto(server_url + link + "&quiet=1")
+        await viewer.wait_for_function(f"{DECODED} > 25", timeout=60_000)
+        await viewer.close()
         await page.click("#stop")
         assert (await page.text_content("#st-state")) == "idle"
 

@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import io
 import json
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 from PIL import Image
 
 from cli.client import new_peer
-from tests.server_helpers import get_json
+from tests.server_helpers import AUTH, get_json
 
 
 async def _offer(kinds: tuple[str, ...]) -> str:
@@ -31,9 +32,9 @@ def _png(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-async def _post(url: str, data: bytes | str, content_type: str) -> tuple[int, dict, dict]:
+async def _post(url: str, data: bytes | str, content_type: str, headers: dict | None = None) -> tuple[int, dict, dict]:
     async with aiohttp.ClientSession() as http:
-        async with http.post(url, data=data, headers={"Content-Type": content_type}) as resp:
+        async with http.post(url, data=data, headers={"Content-Type": content_type, **(headers or {})}) as resp:
             return resp.status, dict(resp.headers), await resp.json()
 
 
@@ -74,9 +75,9 @@ async def test_whip_offer_without_audio_and_unknown_image_are_refused(server_url
 
 async def test_whep_errors(server_url):
     status, _, payload = await _post(server_url + "/whep/no-such-session", await _offer(("video",)),
-                                     "application/sdp")
+                                     "application/sdp", AUTH)
     assert status == 404 and "no session" in payload["message"]
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=AUTH) as http:
         async with http.delete(server_url + "/whep/no-such-session/viewer") as resp:
             assert resp.status == 404
         async with http.delete(server_url + "/whip/no-such-session") as resp:
@@ -106,7 +107,7 @@ async def test_good_upload_is_accepted_and_usable(server_url):
     status, headers, _ = await _post_sdp(server_url + f"/whip?image={payload['image_id']}&prompt=waving",
                                          await _offer(("audio",)))
     assert status == 201
-    session_id = headers["Location"].rsplit("/", 1)[-1]
+    session_id = urlsplit(headers["Location"]).path.rsplit("/", 1)[-1]
     session = next(s for s in (await get_json(server_url + "/health"))["sessions"] if s["id"] == session_id)
     assert session["image"] == "upload" and session["prompt"] == "waving"
     async with aiohttp.ClientSession() as http:

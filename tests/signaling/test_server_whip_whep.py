@@ -19,7 +19,7 @@ async def test_whip_client_drives_a_session_that_a_whep_viewer_watches(server_ur
     lead = int(LEAD_S * 16000)
     publisher = WhipPublisher(server_url, np.concatenate([np.zeros(lead, np.float32), speech_16k]))
     await publisher.start()
-    viewer = WhepViewer(server_url, publisher.session_id)
+    viewer = WhepViewer(server_url, publisher.session_id, token=publisher.view_token)
     try:
         health = await get_json(server_url + "/health")
         session = next(s for s in health["sessions"] if s["id"] == publisher.session_id)
