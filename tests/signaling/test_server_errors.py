@@ -9,6 +9,7 @@ import json
 from urllib.parse import urlsplit
 
 import aiohttp
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -113,6 +114,27 @@ async def test_good_upload_is_accepted_and_usable(server_url):
     async with aiohttp.ClientSession() as http:
         async with http.delete(server_url + headers["Location"]) as resp:
             assert resp.status == 200
+
+
+async def test_uploads_are_read_whole_however_they_arrive(server_url):
+    """A 3 MB photo sent in pieces with pauses is read whole (one read returns only what has arrived); a 12 MB
+    chunked upload, whose size no header declares, is refused as too large."""
+    noise = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), np.uint8)
+    photo = io.BytesIO()
+    Image.fromarray(noise).save(photo, format="PNG")
+    data = photo.getvalue()
+    assert len(data) > 2_000_000
+
+    async def pieces(body: bytes, size: int):
+        for start in range(0, len(body), size):
+            yield body[start:start + size]
+            await asyncio.sleep(0.01)
+
+    status, _, payload = await _post(server_url + "/api/images", pieces(data, 256 * 1024), "image/png")
+    assert status == 201 and (payload["width"], payload["height"]) == (1000, 1000), payload
+    status, _, payload = await _post(server_url + "/api/images", pieces(b"\0" * 12 * 1024 * 1024, 1024 * 1024),
+                                     "image/png")
+    assert status == 413 and "10485760-byte limit" in payload["message"], payload
 
 
 async def _post_sdp(url: str, sdp: str) -> tuple[int, dict, str]:
