@@ -126,11 +126,16 @@ class Auth:
 
     def is_admin(self, request: web.Request) -> bool:
         """Whether the caller may use admin endpoints: it presents the API key, or no key is configured."""
-        return self.open or self.is_key(credential(request))
+        if self.open:
+            return True
+        try:
+            return self.is_key(credential(request))
+        except web.HTTPUnauthorized:  # a malformed Authorization header is no key
+            return False
 
     def require_admin(self, request: web.Request, what: str) -> None:
         """Refuse (401/403) a caller without the API key, when one is configured."""
-        if self.is_admin(request):
+        if self.open or self.is_key(credential(request)):
             return
         if credential(request) is None:
             raise web.HTTPUnauthorized(text=f"{what} needs the API key: send 'Authorization: Bearer <API key>'",

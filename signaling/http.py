@@ -126,7 +126,9 @@ async def health(request: web.Request) -> web.Response:
     body = state.manager.health()
     body["session_count"] = len(body["sessions"])
     if not state.auth.is_admin(request):
-        del body["sessions"], body["source"], body["model"]["weights"]
+        for key in ("sessions", "source"):
+            body.pop(key, None)
+        body.get("model", {}).pop("weights", None)
     return web.json_response(body, status=503 if body["status"] == "error" else 200,
                              headers={"Cache-Control": "no-store"})
 
