@@ -7,8 +7,17 @@ const ui = {
   images: $("images"), upload: $("upload"), prompt: $("prompt"), applyPrompt: $("apply-prompt"),
   viewLink: $("view-link"), state: $("st-state"), fps: $("st-fps"), latency: $("st-latency"),
   repeated: $("st-repeated"), session: $("st-session"), rtmpUrl: $("rtmp-url"), rtmpToggle: $("rtmp-toggle"),
-  rtmp: $("st-rtmp"), access: $("access"), apiKey: $("api-key"),
+  rtmp: $("st-rtmp"), access: $("access"), apiKey: $("api-key"), size: $("st-size"),
 };
+
+// "704×384", and what `realtime: auto` chose when the server picked the size for this GPU.
+function describeSize(msg) {
+  const size = `${msg.width}×${msg.height} at ${msg.fps} fps`;
+  const rt = msg.realtime;
+  if (!rt) return size;
+  return `${size} (realtime auto: ${rt.size_area}, ${rt.fps_capacity} fps capacity` +
+    (rt.sustains ? ")" : "; the GPU is slower than real time, frames repeat)");
+}
 
 let chosenImage = null; // a sample name or an upload id; null = the server's default character
 let call = null; // {pc, ws, mic, statsTimer, serverLatency, lastFrames, lastTime}
@@ -164,6 +173,7 @@ async function onServerMessage(msg) {
       call.answered = true;
       call.serverLatency = msg.latency_s;
       ui.session.textContent = msg.session_id;
+      ui.size.textContent = describeSize(msg);
       ui.viewLink.href = msg.view_url; // carries the session's view token: whoever has the link can watch
       ui.viewLink.title = `Share to let others watch (OBS browser source, calls); valid until ${msg.expires_at}`;
       ui.viewLink.hidden = false;

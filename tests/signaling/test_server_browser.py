@@ -30,6 +30,7 @@ async def test_talk_page_start_plays_the_avatar_and_shows_stats(server_url, spee
         session_id = (await page.text_content("#st-session")).strip()
         assert session_id in await session_ids(server_url)
         assert "s" in await page.text_content("#st-latency")
+        assert (await page.text_content("#st-size")).startswith("192×192 at 25 fps")  # the tiny profile's pinned size
         assert await page.evaluate("!document.getElementById('avatar').paused")
         await page.screenshot(path=str(ARTIFACTS / "talk_page.png"))
         # The viewer link the talk page shows carries the session's view token: another page can watch with it.
