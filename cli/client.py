@@ -114,9 +114,10 @@ async def _connected(pc: RTCPeerConnection, timeout: float) -> float:
 
 async def talk(server: str, audio: Path, seconds: float | None = None, out: Path | None = None,
                image: str | None = None, prompt: str = "",
-               ice_servers: Sequence[IceServer] | None = None) -> TalkResult:
+               ice_servers: Sequence[IceServer] | None = None, messages: list[dict] | None = None) -> TalkResult:
     """Drive a session over /ws with ``audio`` as the microphone for ``seconds`` (default: the audio + a tail),
-    record what comes back (to ``out`` if given) and measure it. ``ice_servers`` None: the server's."""
+    record what comes back (to ``out`` if given) and measure it. ``ice_servers`` None: the server's. The server's
+    messages are appended to ``messages`` as they arrive (the answer's tokens can be read while the session runs)."""
     pcm = read_audio_16k(Path(audio))
     duration = seconds if seconds is not None else pcm.shape[0] / SAMPLE_RATE + TAIL_S
     pc = await _peer(server, ice_servers)
@@ -124,7 +125,7 @@ async def talk(server: str, audio: Path, seconds: float | None = None, out: Path
     pc.addTransceiver(mic, direction="sendrecv")
     pc.addTransceiver("video", direction="recvonly")
     recorder = Recorder(max_seconds=duration + 30, work_path=out)
-    messages: list[dict] = []
+    messages = [] if messages is None else messages
     try:
         async with websockets.connect(_ws_url(server), max_size=2**20, open_timeout=CONNECT_TIMEOUT_S) as ws:
             await pc.setLocalDescription(await pc.createOffer())

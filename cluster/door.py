@@ -1,5 +1,6 @@
-"""What a front door's handlers share: its settings, the registry, an HTTP client to the hosts, and the few
-steps every route takes (place a session, find the host of one, forward a request to it, explain a lost host)."""
+"""What a front door's handlers share: its settings, the cluster's access rules, the registry, an HTTP client to the
+hosts, and the few steps every route takes (place a session, find the host of one, forward a request to it, explain
+a lost host)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ray.actor import ActorHandle
 
 from live.images import builtin_characters
 from live.settings import Settings
+from signaling.auth import Auth
 from signaling.images import ALLOWED_FORMATS, ImageStore
 
 from .placement import Located, Placement, Refusal
@@ -42,6 +44,7 @@ class FrontDoor:
     address: str
     registry: ActorHandle
     images: ImageStore
+    auth: Auth
     http: aiohttp.ClientSession | None = None
 
     async def place(self) -> Placement | Refusal:

@@ -51,8 +51,11 @@ async def publish(request: web.Request) -> web.Response:
 
 
 async def on_host(request: web.Request) -> web.Response:
-    """WHIP DELETE/PATCH, WHEP and RTMP control of a session: forwarded to the host that runs it."""
+    """WHIP DELETE/PATCH, WHEP and RTMP control of a session: forwarded to the host that runs it. A caller
+    without the API key or a genuine token of the session is refused here, before the session is looked up (as a
+    single server does); the host checks the token's role."""
     door = request.app[FRONT_DOOR]
+    door.auth.require_session(request, request.match_info["session"], "view")
     url = await door.locate(request.match_info["session"])
     if request.method in ("POST", "PATCH") and request.content_type == "application/sdp":
         body = (await read_sdp(request, MAX_SDP_BYTES)).encode()

@@ -16,6 +16,7 @@ from aiohttp import web
 from live.session import SessionManager
 from live.settings import Settings
 from signaling.app import create_app
+from signaling.guard import GUARD, Guard
 from signaling.state import STATE
 
 
@@ -23,6 +24,11 @@ def session_manager(app: web.Application) -> SessionManager:
     """The sessions of a server app. A module-level function on purpose: Ray ships the actor class by value, with
     copies of the objects it names, so the actor must not name ``STATE`` itself (a copy is another key)."""
     return app[STATE].manager
+
+
+def request_guard(app: web.Application) -> Guard:
+    """The request guard of a server app (module level for the reason :func:`session_manager` gives)."""
+    return app[GUARD]
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -38,13 +44,15 @@ class AvatarHost:
         self._url: str | None = None
         self._lock = asyncio.Lock()
 
-    async def start(self) -> str:
-        """Load the models and serve; returns the host's URL (idempotent: a second call returns the same URL)."""
+    async def start(self, proxies: list[str]) -> str:
+        """Load the models and serve, trusting ``proxies`` (the cluster's node addresses, where front doors run) to
+        name the client in X-Forwarded-For; returns the host's URL (idempotent: a second call returns the same URL)."""
         async with self._lock:
             if self._url is None:
                 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
                 logging.getLogger("aioice").setLevel(logging.WARNING)
                 self._app = create_app(self.settings)
+                request_guard(self._app).trust(proxies)
                 self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
                 await self._runner.setup()  # on_startup: the models load here
                 ip = ray.util.get_node_ip_address()
@@ -54,8 +62,10 @@ class AvatarHost:
                 logging.getLogger(__name__).info("avatar host serving %s on %s", self.settings.name, self._url)
         return self._url
 
-    async def status(self) -> dict:
-        """The host's /health body (status, workers, sessions with their stats)."""
+    async def status(self, proxies: list[str]) -> dict:
+        """The host's /health body (status, workers, sessions with their stats); ``proxies``: the cluster's node
+        addresses now (the registry's polls keep the trusted proxies current as nodes join and leave)."""
         if self._app is None:
             return {"status": "starting", "workers": [], "sessions": []}
+        request_guard(self._app).trust(proxies)
         return session_manager(self._app).health()

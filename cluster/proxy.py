@@ -3,7 +3,8 @@
 The client speaks the protocol of :mod:`signaling.ws` unchanged. Messages are checked here with the same models
 (so a bad one is refused before any host is involved); an offer places the session on the least loaded host and
 opens a WebSocket to that host's ``/ws``; from then on every message goes through as it is, both ways. When the
-host connection drops without an ``ended`` (its node died), the client gets ``ended`` with the reason.
+host connection drops without an ``ended`` (its node died), the client gets ``ended`` with the reason. The socket
+caps and the message rate of ``server.guard`` apply here, per client address, as on a single server.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import json
 import logging
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import ValidationError
 
 from live.peer import OfferError, parse_offer
 from live.sinks.tracks import check_h264_offer
+from signaling.guard import GUARD
 from signaling.ws import (
     HEARTBEAT_S,
     MAX_MESSAGE_BYTES,
@@ -184,12 +186,29 @@ class _Relay:
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
-    """GET /ws at a front door: one signaling connection, relayed to the host of its session."""
+    """GET /ws at a front door: one signaling connection (at most ``ws_per_address`` open per client address),
+    relayed to the host of its session."""
+    guard = request.app[GUARD]
+    address = guard.client_address(request)
+    guard.open_socket(address)
+    try:
+        return await _serve(request, address)
+    finally:
+        guard.close_socket(address)
+
+
+async def _serve(request: web.Request, address: str) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=PROTOCOL_MAX_MESSAGE_BYTES)
     await ws.prepare(request)
     relay = _Relay(ws, request.app[FRONT_DOOR], request)
+    guard = request.app[GUARD]
     try:
         async for msg in ws:
+            if not guard.message_allowed(address):
+                log.info("signaling connection from %s closed: over the message rate", address)
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION,
+                               message=b"too many messages: the limit is %g per second" % guard.settings.ws_rate)
+                break
             if msg.type == WSMsgType.TEXT:
                 try:
                     await relay.handle(msg.data)

@@ -1,15 +1,17 @@
 """The registry: a named, detached Ray actor that keeps one host per slot node and the session → host map.
 
-Every front door of a profile talks to the same registry (found by name), so they agree on capacity and on where
-each session runs. Once a second it reconciles with Ray: a node that advertises ``avatar_slots`` gets an
-:class:`~cluster.host.AvatarHost` pinned to it, each host is polled for its sessions, and a host whose actor or
-node died is dropped with its sessions (their ``ended`` reason is kept for viewers that come back).
+Every front door of a profile talks to the same registry (found by name), so they agree on capacity, on where
+each session runs and on the access settings (API key, token secret). Once a second it reconciles with Ray: a node
+that advertises ``avatar_slots`` gets an :class:`~cluster.host.AvatarHost` pinned to it, each host is polled for its
+sessions (and told the nodes' addresses, which it trusts as proxies), and a host whose actor or node died is dropped
+with its sessions (their ``ended`` reason is kept for viewers that come back).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 
 import ray
@@ -17,7 +19,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import ActorDiedError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from live.settings import Settings
+from live.settings import AuthSettings, Settings
 from signaling.images import ImageStore
 
 from .host import AvatarHost
@@ -36,12 +38,17 @@ class Registry:
     """Hosts, capacity and sessions of one profile across the cluster."""
 
     def __init__(self, settings: Settings) -> None:
-        """Keep the hosts of ``settings``' profile; the watch loop starts with the first call."""
-        self.settings = settings
+        """Keep the hosts of ``settings``' profile; the watch loop starts with the first call. Without a
+        ``token_secret`` the registry draws one for the cluster: hosts and front doors all sign with it."""
+        auth = settings.server.auth
+        if auth.token_secret is None:
+            auth = auth.model_copy(update={"token_secret": secrets.token_urlsafe(32)})
+        self.settings = settings.model_copy(update={"server": settings.server.model_copy(update={"auth": auth})})
         self.table = HostTable()
         self.images = ImageStore(settings.server.max_upload_bytes, settings.server.max_image_side)
         self._actors: dict[str, ActorHandle] = {}
         self._failed_at: dict[str, float] = {}
+        self._node_ips: list[str] = []
         self._watch: asyncio.Task | None = None
 
     # ----- what front doors ask ----------------------------------------------------------------------------------
@@ -69,6 +76,10 @@ class Registry:
         await self._ensure_watching()
         return {"profile": self.settings.name, **self.table.snapshot()}
 
+    async def auth(self) -> AuthSettings:
+        """The cluster's access settings, token secret included (the hosts run with them; front doors must too)."""
+        return self.settings.server.auth
+
     async def add_image(self, data: bytes) -> str:
         """Keep an uploaded (already validated) image for the cluster; returns its id."""
         return self.images.add(data)
@@ -93,8 +104,9 @@ class Registry:
 
     async def _reconcile(self) -> None:
         """Follow the nodes Ray knows: launch hosts on new slot nodes, drop hosts whose node died, poll the rest."""
-        nodes = {n["NodeID"]: n for n in await asyncio.to_thread(ray.nodes)
-                 if n["Alive"] and n["Resources"].get(SLOT_RESOURCE, 0) >= 1}
+        alive = [n for n in await asyncio.to_thread(ray.nodes) if n["Alive"]]
+        self._node_ips = sorted({n["NodeManagerAddress"] for n in alive})  # front doors run on these: hosts trust them
+        nodes = {n["NodeID"]: n for n in alive if n["Resources"].get(SLOT_RESOURCE, 0) >= 1}
         for node_id, host in list(self.table.hosts.items()):
             if node_id not in nodes:
                 self._lose(node_id, f"avatar host {host.node_ip} died: its node left the Ray cluster")
@@ -121,7 +133,7 @@ class Registry:
 
     async def _start(self, host: Host, actor: ActorHandle) -> None:
         try:
-            url = await actor.start.remote()
+            url = await actor.start.remote(self._node_ips)
         except RayError as exc:
             self._failed_at[host.node_id] = time.monotonic()
             self.table.fail(host.node_id, FAILED, _first_line(exc))
@@ -137,7 +149,7 @@ class Registry:
             return
         asked_at = time.monotonic()
         try:
-            health = await asyncio.wait_for(_awaitable(actor.status.remote()), STATUS_TIMEOUT_S)
+            health = await asyncio.wait_for(_awaitable(actor.status.remote(self._node_ips)), STATUS_TIMEOUT_S)
         except ActorDiedError as exc:
             self._lose(host.node_id, f"avatar host {host.node_ip} died: {_first_line(exc)}")
         except (RayError, asyncio.TimeoutError) as exc:

@@ -1,4 +1,8 @@
-"""A front door's /health and /metrics: the whole cluster (hosts, slots, sessions per host), from the registry."""
+"""A front door's /health and /metrics: the whole cluster (hosts, slots, sessions per host), from the registry.
+
+As on a single server, anonymous callers of /health see counts only (sessions and their hosts need the API key),
+and /metrics needs the key unless ``server.auth.public_metrics``.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +14,30 @@ from prometheus_client.registry import Collector
 from .door import FRONT_DOOR
 from .placement import READY
 
+# what an anonymous /health leaves out: where the cluster and its hosts are, and which sessions run
+ADMIN_KEYS = frozenset({"cluster", "sessions"})
+ADMIN_HOST_KEYS = frozenset({"node_id", "url", "session_ids"})
 
-def cluster_health(snapshot: dict, address: str) -> dict:
-    """The body of a front door's GET /health: ``ok`` while a host takes sessions, every host, every session."""
+
+def cluster_health(snapshot: dict, address: str, admin: bool) -> dict:
+    """The body of a front door's GET /health: ``ok`` while a host takes sessions, every host with its counts and,
+    for an ``admin``, the cluster's address and every session with its host."""
     hosts = snapshot["hosts"]
     ready = [h for h in hosts if h["state"] == READY]
     status = "ok" if ready else ("starting" if hosts else "no_hosts")
     sessions = [{**info, "host": h["node_ip"], "node_id": h["node_id"]} for h in hosts for info in h["session_info"]]
-    return {
+    body = {
         "status": status,
         "cluster": address,
         "config": snapshot["profile"],
         "max_sessions": snapshot["slots"],
         "free_slots": snapshot["free_slots"],
-        "hosts": [{k: v for k, v in h.items() if k != "session_info"} for h in hosts],
+        "session_count": len(sessions),
+        "hosts": [{k: v for k, v in h.items() if k != "session_info" and (admin or k not in ADMIN_HOST_KEYS)}
+                  for h in hosts],
         "sessions": sessions,
     }
+    return body if admin else {k: v for k, v in body.items() if k not in ADMIN_KEYS}
 
 
 class _Snapshot(Collector):
@@ -76,11 +88,16 @@ def render_metrics(snapshot: dict) -> bytes:
 async def health(request: web.Request) -> web.Response:
     """GET /health at a front door: the cluster (503 while no host is there at all)."""
     door = request.app[FRONT_DOOR]
-    body = cluster_health(await door.registry.snapshot.remote(), door.address)
-    return web.json_response(body, status=503 if body["status"] == "no_hosts" else 200)
+    body = cluster_health(await door.registry.snapshot.remote(), door.address, door.auth.is_admin(request))
+    return web.json_response(body, status=503 if body["status"] == "no_hosts" else 200,
+                             headers={"Cache-Control": "no-store"})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """GET /metrics at a front door: cluster gauges and counters (each host also serves its own /metrics)."""
-    snapshot = await request.app[FRONT_DOOR].registry.snapshot.remote()
+    """GET /metrics at a front door: cluster gauges and counters (each host also serves its own /metrics); the API
+    key unless ``auth.public_metrics`` (the labels name hosts)."""
+    door = request.app[FRONT_DOOR]
+    if not door.settings.server.auth.public_metrics:
+        door.auth.require_admin(request, "/metrics")
+    snapshot = await door.registry.snapshot.remote()
     return web.Response(body=render_metrics(snapshot), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -14,7 +14,7 @@ import ipaddress
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -106,6 +106,11 @@ class Guard:
         self._trusted = set(settings.trusted_proxies)
 
     # ----- who and where ---------------------------------------------------------------------------------
+    def trust(self, proxies: Iterable[str]) -> None:
+        """Trust ``proxies`` as well as ``trusted_proxies`` to name the client in X-Forwarded-For (a cluster's
+        avatar host: its front doors' nodes)."""
+        self._trusted = set(self.settings.trusted_proxies) | set(proxies)
+
     def client_address(self, request: web.Request) -> str:
         """The client's address: the peer, or behind a trusted proxy the last X-Forwarded-For hop it did not add."""
         address = request.remote or "unknown"

@@ -1,8 +1,8 @@
 """Sessions over a real local Ray cluster: a head and two avatar nodes (``ray start`` on loopback addresses, 2 avatar
 slots each, the tiny profile on CPU) and two front doors (``live-avatar serve --cluster``), driven by real aiortc
-clients. Sessions land on both nodes and stream; a front door serves viewers of sessions another placed; a node
-that dies ends exactly its sessions with a reason, and the next session goes to the survivor; a node that joins
-takes sessions at once."""
+clients. Sessions land on both nodes and stream; a front door serves viewers of sessions another placed, with the view
+token the session's host issued (the cluster shares one token secret and API key); a node that dies ends exactly
+its sessions with a reason, and the next session goes to the survivor; a node that joins takes sessions at once."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cli.client import WhepViewer, new_peer, talk
 from live.settings import load_settings
 from tests.cluster.local_cluster import FrontDoorProcess, LocalRayCluster
 from tests.conftest import ARTIFACTS
-from tests.server_helpers import get_json, get_text, metric, wait_until
+from tests.server_helpers import API_KEY, get_json, get_text, metric, wait_until
 
 NODES = ("127.0.0.3", "127.0.0.4")
 NEW_NODE = "127.0.0.5"
@@ -27,9 +27,12 @@ SLOTS = 2
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """The cluster and two front doors; everything it started is killed at the end (logs: artifacts/)."""
+    """The cluster and two front doors with an API key (no token secret: the cluster draws one); everything it
+    started is killed at the end (logs: artifacts/)."""
     settings = load_settings("configs/tiny.yaml")
-    settings = settings.model_copy(update={"video": settings.video.model_copy(update={"size_area": "64*64"})})
+    auth = settings.server.auth.model_copy(update={"api_key": API_KEY})
+    settings = settings.model_copy(update={"video": settings.video.model_copy(update={"size_area": "64*64"}),
+                                           "server": settings.server.model_copy(update={"auth": auth})})
     profile = tmp_path_factory.mktemp("cluster") / "tiny.yaml"
     profile.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude={"source"})))
     ARTIFACTS.mkdir(exist_ok=True)
@@ -98,6 +101,11 @@ async def _new_session(front_door: str, known: set[str]) -> dict:
     return found[0]
 
 
+def _view_tokens(logs: list[list[dict]]) -> dict[str, str]:
+    """Session id → the view token of its ``answer``, from the server messages of talkers."""
+    return {m["session_id"]: m["view_token"] for log in logs for m in log if m.get("type") == "answer"}
+
+
 async def _offer() -> str:
     pc = new_peer()
     pc.addTransceiver("audio", direction="sendrecv")
@@ -111,12 +119,20 @@ async def _offer() -> str:
 async def test_sessions_land_on_both_nodes_and_any_front_door_serves_their_viewers(cluster, speech_wav):
     _, door_a, door_b = cluster
     await _idle(door_a)
-    talks = [asyncio.ensure_future(talk(door_a, speech_wav, seconds=12.0)) for _ in range(2)]
+    logs: list[list[dict]] = [[], []]
+    talks = [asyncio.ensure_future(talk(door_a, speech_wav, seconds=12.0, messages=log)) for log in logs]
     try:
         sessions = await _running(door_a, 2)
         assert sorted(s["host"] for s in sessions) == list(NODES)  # least loaded: one per node
-        # The second front door finds the session in the cluster's registry and forwards the viewer to its host.
-        viewer = WhepViewer(door_b, sessions[0]["id"])
+        anonymous = await get_json(door_b + "/health", headers={})
+        assert anonymous["session_count"] == 2 and "sessions" not in anonymous  # counts only without the key
+        async with aiohttp.ClientSession() as http:
+            async with http.post(door_b + f"/whep/{sessions[0]['id']}", data=await _offer(),
+                                 headers={"Content-Type": "application/sdp"}) as resp:
+                assert resp.status == 401, await resp.text()  # watching needs the session's view token
+        # The second front door finds the session in the cluster's registry and forwards the viewer to its host,
+        # which accepts the view token it gave the talker through the first front door.
+        viewer = WhepViewer(door_b, sessions[0]["id"], token=_view_tokens(logs)[sessions[0]["id"]])
         await viewer.start()
         await asyncio.sleep(3.0)
         assert await viewer.stop(time.time()) == 200
@@ -136,7 +152,8 @@ async def test_sessions_land_on_both_nodes_and_any_front_door_serves_their_viewe
 async def test_a_dead_node_ends_exactly_its_sessions_and_the_next_goes_to_the_survivor(cluster, speech_wav):
     ray_cluster, door_a, door_b = cluster
     await _idle(door_a)
-    talks = [asyncio.ensure_future(talk(door_a, speech_wav, seconds=30.0)) for _ in range(2)]
+    logs: list[list[dict]] = [[], []]
+    talks = [asyncio.ensure_future(talk(door_a, speech_wav, seconds=30.0, messages=log)) for log in logs]
     follow_up = None
     try:
         sessions = await _running(door_a, 2)
@@ -167,7 +184,8 @@ async def test_a_dead_node_ends_exactly_its_sessions_and_the_next_goes_to_the_su
             # Once Ray has declared the node dead, every front door says what happened to its sessions.
             async def gone() -> bool:
                 async with http.post(door_b + f"/whep/{doomed['id']}", data=await _offer(),
-                                     headers={"Content-Type": "application/sdp"}) as resp:
+                                     headers={"Content-Type": "application/sdp",
+                                              "Authorization": f"Bearer {_view_tokens(logs)[doomed['id']]}"}) as resp:
                     return resp.status == 410 and f"avatar host {NODES[1]} died" in (await resp.json())["message"]
 
             await wait_until(gone, 30, "the dead session's viewers to be told it ended")
