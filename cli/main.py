@@ -32,7 +32,8 @@ def _serve_cluster(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.front_door import ClusterError, serve_cluster
 
     try:
-        serve_cluster(settings, args.cluster, args.host or settings.server.host, args.port or settings.server.port)
+        serve_cluster(settings, args.cluster, args.host or settings.server.host, args.port or settings.server.port,
+                      insecure=args.insecure)
     except ClusterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
