@@ -20,6 +20,8 @@ steps) with the TFLOP/s it implies; VAE decode time per output frame (on its own
 overlap it runs alongside the DiT time rather than adding to it). CUDA times use events.
 
 ``--server`` measures glass-to-glass latency through a real server instead (``cli.latency_bench``).
+``--soak N`` runs N back-to-back talker sessions of ``--seconds`` through a real server and prints the server
+process's RSS, threads and open fds after each (``cli.soak_bench``).
 ``--encode`` times the session's shared H.264 encoder (:class:`~live.sinks.encoder.SharedVideoEncoder`, RGB → YUV
 conversion included) at 704×384 and 1280×720 on frames that move like a talking head, one row per x264 preset.
 Set ``LIVE_AVATAR_BENCH_PROFILE=FILE`` to also profile one extra block per row with ``torch.profiler`` and append
@@ -439,6 +441,16 @@ def main(args: argparse.Namespace) -> int:
         for key, value in result.items():
             print(f"{key}: {value}")
         print(f"\n`{command_line(args)} --server --seconds {args.seconds:g} --sessions {args.sessions}`")
+        return 0
+
+    if getattr(args, "soak", 0):
+        from cli.soak_bench import run_soak
+
+        result = run_soak(settings_from_args(args), args.soak, args.seconds)
+        print(f"soak on {platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n")
+        print(result.table())
+        print(f"\n{result.summary()}")
+        print(f"\n`{command_line(args)} --soak {args.soak} --seconds {args.seconds:g}`")
         return 0
 
     if getattr(args, "encode", False):

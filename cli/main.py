@@ -147,11 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compare-overlap", action="store_true",
                     help="also run the last variant with the VAE decode overlap (stream.overlap_decode) switched")
     sp.add_argument("--server", action="store_true", help="glass-to-glass latency through a real server")
-    sp.add_argument("--seconds", type=float, default=10.0, help="duration of the --server run")
+    sp.add_argument("--seconds", type=float, default=10.0,
+                    help="duration of the --server run, or of each --soak session")
     sp.add_argument("--sessions", type=int, default=1, help="clients talking at once in the --server run")
     sp.add_argument("--server-log", type=Path, default=None, help="where the --server run's server logs to")
     sp.add_argument("--encode", action="store_true",
                     help="time the shared H.264 encoder at 704x384 and 1280x720 (--blocks x 12 frames per row)")
+    sp.add_argument("--soak", type=int, default=0, metavar="N",
+                    help="N back-to-back sessions (--seconds each) through a real server: its RSS, threads and fds")
     sp.set_defaults(func=_cmd_bench)
 
     from train.runner import add_arguments

@@ -57,6 +57,13 @@ class ServerProcess:
             raise
         return self.url
 
+    @property
+    def pid(self) -> int:
+        """The server's process id (while the ``with`` block runs)."""
+        if self._proc is None:
+            raise RuntimeError("the server is not running")
+        return self._proc.pid
+
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

@@ -54,6 +54,10 @@ def rtc_configuration(ice_servers: Sequence[IceServer] = ()) -> RTCConfiguration
                                         for s in ice_servers])
 
 
+def _ignore_gone(link: "PeerLink", reason: str) -> None:
+    """``on_gone`` of a closed link."""
+
+
 class PeerLink:
     """An ``RTCPeerConnection`` with a role, an id and a notion of liveness.
 
@@ -133,11 +137,18 @@ class PeerLink:
         task.add_done_callback(self._drains.discard)
 
     async def close(self) -> None:
-        """Close the connection (idempotent); ``on_gone`` is not called for a close we started."""
+        """Close the connection (idempotent); ``on_gone`` is not called for a close we started.
+
+        aiortc's closed connection is a web of reference cycles that only a full garbage collection frees, so the
+        link drops every callback into its owner here: the owner (a session, with its engine and buffers) is then
+        freed as soon as its last reference goes.
+        """
         self._gone = True
         for task in list(self._drains):
             task.cancel()
         await self.pc.close()
+        self.pc.remove_all_listeners()
+        self._on_gone = _ignore_gone
 
     async def _state_changed(self) -> None:
         state = self.pc.connectionState

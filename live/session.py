@@ -19,6 +19,7 @@ from live.engine.calibration import sessions_per_worker
 from live.engine.worker import EngineHandle, EngineWorker, WorkerBusy, worker_devices
 from live.loop_lag import LoopLagMonitor
 from live.metrics import CounterRate, LiveGauges, ServerMetrics, SessionGauges
+from live.native_memory import release_free_memory
 from live.peer import OfferError, PeerLink
 from live.settings import Settings
 from live.sinks import Sink
@@ -257,6 +258,7 @@ class Session:
         self.output.close()
         self.video_encoder.close()
         self.handle.close()
+        self.handle.on_error = None  # the handle's only reference back to this session
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
@@ -270,6 +272,11 @@ class Session:
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.handle.closed)), ENGINE_CLOSE_TIMEOUT_S)
         except asyncio.TimeoutError:
             log.error("session %s: engine did not close within %s s", self.id, ENGINE_CLOSE_TIMEOUT_S)
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.video_encoder.released)), ENGINE_CLOSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.error("session %s: video encoder did not stop within %s s", self.id, ENGINE_CLOSE_TIMEOUT_S)
+        await asyncio.to_thread(release_free_memory)
         self._manager.forget(self)
         self.ended.set()
 

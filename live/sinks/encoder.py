@@ -14,6 +14,7 @@ fed through a queue of ``ENCODE_QUEUE`` frames that drops the oldest frame when 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import fractions
 import logging
 import math
@@ -137,7 +138,9 @@ class SharedVideoEncoder:
                  device: str = "cpu") -> None:
         """Open the encoder for ``width``×``height`` at ``fps`` (raises ``RuntimeError`` if none opens)."""
         self.fps = fps
-        self.codec = open_h264(width, height, fps, options, device)
+        self.width, self.height = width, height
+        self.codec: av.CodecContext | None = open_h264(width, height, fps, options, device)
+        self.name = self.codec.name
         self.packets: Fanout[VideoPacket] = Fanout()
         self.frames_encoded = 0
         self.frames_dropped = 0
@@ -148,12 +151,9 @@ class SharedVideoEncoder:
         self._key_gap = max(1, round(KEYFRAME_MIN_INTERVAL_S * fps))
         self._last_key = -self._key_gap
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
         self._thread = threading.Thread(target=self._encode_forever, name="h264-encoder", daemon=True)
-
-    @property
-    def name(self) -> str:
-        """The encoder in use (libx264 or h264_nvenc)."""
-        return self.codec.name
+        self.released: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     def request_keyframe(self) -> None:
         """Ask for a keyframe (a new consumer, PLI/FIR); served at the next frame the rate limit allows."""
@@ -161,6 +161,8 @@ class SharedVideoEncoder:
 
     async def run(self, output: SessionOutput) -> None:
         """Feed the output's frames to the encoder until the output ends."""
+        if self._closed:
+            return
         self._loop = asyncio.get_running_loop()
         self._thread.start()
         try:
@@ -176,11 +178,22 @@ class SharedVideoEncoder:
             self.close()
 
     def close(self) -> None:
-        """Stop the encoder thread (idempotent)."""
+        """Stop the encoder thread and free the codec — x264's threads and buffers — as soon as it has finished
+        its frame (idempotent; :attr:`released` completes then). Nothing waits for the garbage collector."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.ident is None:
+            self._release()
+            return
         try:
             self._queue.put_nowait(None)
         except queue.Full:
             self._drop_oldest(None)
+
+    def _release(self) -> None:
+        self.codec = None
+        self.released.set_result(None)
 
     def _drop_oldest(self, item: tuple[int, np.ndarray] | None) -> None:
         try:
@@ -210,6 +223,12 @@ class SharedVideoEncoder:
         return out
 
     def _encode_forever(self) -> None:
+        try:
+            self._encode_until_closed()
+        finally:
+            self._release()
+
+    def _encode_until_closed(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
@@ -238,7 +257,7 @@ class SharedAudioEncoder:
 
     def __init__(self) -> None:
         """Open the Opus encoder (16 kHz mono in, 20 ms packets; RTP carries it at 48 kHz as always for Opus)."""
-        self.codec = av.CodecContext.create("libopus", "w")
+        self.codec: av.CodecContext | None = av.CodecContext.create("libopus", "w")
         self.codec.sample_rate = SAMPLE_RATE
         self.codec.layout = "mono"
         self.codec.format = "s16"
@@ -252,15 +271,18 @@ class SharedAudioEncoder:
         """Publish one chunk every 20 ms of the session clock until the output ends."""
         clock = output.clock
         chunk: int | None = None
-        while not output.closed:
-            due = math.ceil(clock.now() / AUDIO_PTIME)
-            if chunk is None or due - chunk > AUDIO_MAX_LATE_CHUNKS:
-                chunk = due
-            await clock.sleep_until(chunk * AUDIO_PTIME)
-            if self.chunks:
-                pcm = output.audio(chunk * AUDIO_PTIME, AUDIO_CHUNK)
-                self.chunks.publish(AudioChunk(chunk, pcm, self._opus(chunk, pcm)))
-            chunk += 1
+        try:
+            while not output.closed:
+                due = math.ceil(clock.now() / AUDIO_PTIME)
+                if chunk is None or due - chunk > AUDIO_MAX_LATE_CHUNKS:
+                    chunk = due
+                await clock.sleep_until(chunk * AUDIO_PTIME)
+                if self.chunks:
+                    pcm = output.audio(chunk * AUDIO_PTIME, AUDIO_CHUNK)
+                    self.chunks.publish(AudioChunk(chunk, pcm, self._opus(chunk, pcm)))
+                chunk += 1
+        finally:
+            self.codec = None  # freed now, not when a collection finds the session's peers
 
     def _opus(self, index: int, pcm: np.ndarray) -> bytes:
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
