@@ -94,6 +94,7 @@ class Session:
                                                 self._metrics, handle.worker.device)
         self.audio_encoder = SharedAudioEncoder()
         self.rtmp: RtmpPush | None = None
+        self._rtmp_lock = asyncio.Lock()
         self.vcam: dict | None = None
         device = manager.settings.output.vcam_device
         camera = None
@@ -206,19 +207,30 @@ class Session:
         self.spawn(sink.run(self.output))
 
     async def start_rtmp(self, url: str) -> dict:
-        """Push this session to ``url`` (replacing a running push); raises ``RtmpUrlError`` for a bad URL.
+        """Push this session to ``url`` (replacing a running push); raises ``RtmpUrlError`` for a bad URL and
+        ``RtmpRefused`` for a host that ``output.rtmp_allowed_hosts`` does not list.
 
-        Returns the push status; the push connects and reconnects on its own thread.
+        Returns the push status; the push connects and reconnects in a worker process of its own. Starts and stops
+        run one at a time, so concurrent requests leave exactly one push (or none), never an orphan.
         """
-        push = RtmpPush(url, self.video_encoder, self.audio_encoder, self._manager.settings.output.rtmp_audio_kbps)
-        await self.stop_rtmp()
-        self.rtmp = push
-        push.start()
+        output = self._manager.settings.output
+        push = RtmpPush(url, self.video_encoder, self.audio_encoder, output.rtmp_allowed_hosts, output.rtmp_audio_kbps)
+        async with self._rtmp_lock:
+            await self._stop_rtmp()
+            if self._closing:
+                push.status.state, push.status.error = "stopped", "the session is ending"
+                return push.status.as_dict()
+            self.rtmp = push
+            push.start()
         log.info("session %s: RTMP push to %s", self.id, push.status.url)
         return push.status.as_dict()
 
     async def stop_rtmp(self) -> bool:
         """Stop the RTMP push; False if there was none."""
+        async with self._rtmp_lock:
+            return await self._stop_rtmp()
+
+    async def _stop_rtmp(self) -> bool:
         push, self.rtmp = self.rtmp, None
         if push is None:
             return False

@@ -275,8 +275,23 @@ class OutputSettings(BaseModel):
     keyframe_interval_s: float = Field(2.0, gt=0, description="Seconds between regular keyframes (RTMP services "
                                        "want 2 s); receivers may ask for more (PLI/FIR), rate-limited.")
     rtmp_audio_kbps: int = 128
+    rtmp_allowed_hosts: list[str] = Field(default_factory=list, description="Hosts an RTMP push may go to: "
+                                          "'HOST' or 'HOST:PORT', '*' matching any characters (e.g. "
+                                          "'*.contribute.live-video.net', 'a.rtmp.youtube.com', '127.0.0.1:1935'); "
+                                          "empty = RTMP push refused. Matched against the URL's host as written, "
+                                          "before any DNS lookup.")
     vcam_device: str | None = Field(None, description="v4l2loopback device (e.g. /dev/video10) that each new "
                                     "session shows its video on (pip extra [vcam]); None = no virtual camera.")
+
+    @field_validator("rtmp_allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            match = RTMP_HOST_PATTERN.fullmatch(pattern)
+            if match is None or (match["port"] is not None and not 0 < int(match["port"]) < 65536):
+                raise ValueError(f"{pattern!r} is not an RTMP host pattern; use HOST or HOST:PORT, where HOST may "
+                                 "hold '*' (e.g. '*.example.com', '127.0.0.1:1935', '[::1]')")
+        return [p.lower() for p in patterns]
 
 
 class PipelineSettings(BaseModel):

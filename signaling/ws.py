@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from live.peer import MAX_SDP_BYTES, OfferError
 from live.session import AdmissionError, EngineStartError, Session
-from live.sinks.rtmp import MAX_URL_CHARS, RtmpUrlError
+from live.sinks.rtmp import MAX_URL_CHARS, RtmpUrlError, check_url
 from live.sinks.tracks import check_h264_offer
 
 from .guard import GUARD
@@ -165,7 +165,7 @@ class _Connection:
             check_offer(msg.sdp, need=("audio", "video"))
             check_h264_offer(msg.sdp)  # before an engine starts for an offer we could not serve
             options = await resolve_options(self.state.images, msg.image, msg.prompt)
-            rtmp_url = check_rtmp_url(msg.rtmp) if msg.rtmp else None
+            rtmp_url = check_url(msg.rtmp, self.state.settings.output.rtmp_allowed_hosts) if msg.rtmp else None
         except (OfferError, RtmpUrlError, ValueError) as exc:
             await self.error(str(exc))
             return

@@ -52,6 +52,14 @@ def make_speechlike(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndar
 
 
 # ----- live server fixtures (signaling/, live/session.py, live/client.py) --------------------------------
+def tiny_server_settings():
+    """The tiny profile as the test servers run it: RTMP pushes allowed to loopback (the tests' nginx-rtmp)."""
+    from live.settings import load_settings
+
+    s = load_settings("configs/tiny.yaml")
+    return s.model_copy(update={"output": s.output.model_copy(update={"rtmp_allowed_hosts": ["127.0.0.1"]})})
+
+
 @pytest.fixture(scope="session")
 def server_url():
     """A real server (built-in tiny profile, max_sessions 2) in its own process on a free loopback port, with the
@@ -60,10 +68,10 @@ def server_url():
     Its log goes to artifacts/server-tests.log; it is interrupted (graceful shutdown) at the end.
     """
     from cli.server_process import ServerProcess
-    from live.settings import AuthSettings, load_settings
+    from live.settings import AuthSettings
     from tests.server_helpers import API_KEY, TOKEN_SECRET
 
-    settings = load_settings("configs/tiny.yaml")
+    settings = tiny_server_settings()
     auth = AuthSettings(api_key=API_KEY, token_secret=TOKEN_SECRET)
     settings = settings.model_copy(update={"server": settings.server.model_copy(update={"auth": auth})})
     ARTIFACTS.mkdir(exist_ok=True)

@@ -6,9 +6,10 @@ ends, so adding a consumer never touches the engine and only registers the sink 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from live.stream.output import SessionOutput
+if TYPE_CHECKING:  # the package stays light to import: the RTMP worker process starts from it
+    from live.stream.output import SessionOutput
 
 
 class Sink(Protocol):

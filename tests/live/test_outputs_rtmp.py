@@ -38,7 +38,7 @@ async def test_rtmp_push_is_synced_h264_and_aac_and_recovers_from_a_server_resta
     video = SharedVideoEncoder(320, 176, FPS, OutputSettings(), ServerMetrics())
     audio = SharedAudioEncoder()
     tasks = [asyncio.ensure_future(c) for c in (source.run(), video.run(source), audio.run(source))]
-    push = RtmpPush(nginx_rtmp.url("avatar"), video, audio)
+    push = RtmpPush(nginx_rtmp.url("avatar"), video, audio, ["127.0.0.1"])
     push.start()
     try:
         await _until(lambda: push.connected, 15, "the push to go live")
