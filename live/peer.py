@@ -44,6 +44,24 @@ def parse_offer(sdp: str, need: tuple[str, ...] = ()) -> SessionDescription:
     return desc
 
 
+def dtls_passive(offer_sdp: str, answer: RTCSessionDescription) -> RTCSessionDescription:
+    """``answer`` with ``a=setup:passive`` (we are the DTLS server) wherever the offer left the choice to us
+    (``actpass``), as browsers answer.
+
+    aiortc 1.16 answers ``actpass`` with ``active`` and then, as the DTLS client, offers only ECDHE-ECDSA cipher
+    suites: a peer with an RSA certificate (GStreamer's webrtcbin, and other OpenSSL-based stacks) fails the
+    handshake with "no shared cipher". As the DTLS server aiortc presents its ECDSA certificate and the client
+    chooses among the suites it offers, which every WebRTC stack's include. aiortc takes the role from the local
+    answer it is given (``setLocalDescription``).
+    """
+    offered = SessionDescription.parse(offer_sdp).media
+    desc = SessionDescription.parse(answer.sdp)
+    for offer_media, media in zip(offered, desc.media):
+        if offer_media.dtls is not None and offer_media.dtls.role == "auto" and media.dtls is not None:
+            media.dtls.role = "server"
+    return RTCSessionDescription(sdp=str(desc), type="answer")
+
+
 def rtc_configuration(ice_servers: Sequence[IceServer] = ()) -> RTCConfiguration:
     """aiortc's configuration for ``ice_servers``; none means host candidates only (loopback and LAN need no more).
 
@@ -107,7 +125,7 @@ class PeerLink:
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind in refuse and transceiver.sender.track is None:
                 transceiver.direction = "inactive"
-        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        await self.pc.setLocalDescription(dtls_passive(offer_sdp, await self.pc.createAnswer()))
         return self.pc.localDescription.sdp
 
     async def add_candidate(self, candidate: str, sdp_mid: str | None, sdp_mline_index: int | None) -> None:

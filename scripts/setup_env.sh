@@ -39,6 +39,9 @@ if [ "$WANT_TEST" = "test" ]; then
   [ -e /usr/lib/nginx/modules/ngx_rtmp_module.so ] || need+=(libnginx-mod-rtmp)
   command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
   command -v sox >/dev/null 2>&1 || need+=(sox)
+  # GStreamer's webrtcbin as a third-party WebRTC peer (tests/gst_peer.py runs on Debian's /usr/bin/python3).
+  /usr/bin/python3 tests/gst_peer.py --check >/dev/null 2>&1 || need+=(python3-gst-1.0 gir1.2-gst-plugins-bad-1.0 \
+    gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-nice gstreamer1.0-libav)
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
       echo "[setup] apt-get install ${need[*]}"
