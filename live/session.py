@@ -30,6 +30,7 @@ from live.sinks.tracks import (
     AvatarVideoTrack,
     check_h264_offer,
     prefer_h264,
+    repeat_retransmissions,
     route_keyframe_requests,
 )
 from live.sinks.vcam import VirtualCamera, VirtualCameraError
@@ -170,6 +171,7 @@ class Session:
         transceiver = link.pc.addTransceiver(AvatarVideoTrack(self.video_encoder), direction="sendonly")
         prefer_h264(transceiver)
         route_keyframe_requests(transceiver, self.video_encoder)
+        repeat_retransmissions(transceiver)
 
     async def _connect(self, link: PeerLink, offer_sdp: str, refuse: tuple[str, ...]) -> str:
         link.pc.on("track", lambda track: self._remote_track(link, track))
