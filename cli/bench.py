@@ -46,10 +46,10 @@ import torch
 from PIL import Image
 
 from cli.profile import settings_from_args
+from cli.speech import speechlike
 from live.engine.stream import ProfileStack, StreamEngine, overlap_enabled
 from live.images import default_character
 from live.settings import Settings
-from model.audio_features import SAMPLE_RATE
 from model.stack import resolve_dtype
 
 SWEEP_AREAS = ("720*400", "688*368", "384*256")
@@ -68,26 +68,6 @@ def reference_image(aspect: float = 16 / 9, height: int = 720) -> Image.Image:
     face = face.resize((height, height), Image.Resampling.BICUBIC)
     canvas.paste(face, ((width - height) // 2, 0))
     return canvas
-
-
-def speechlike(seconds: float, seed: int = 0) -> np.ndarray:
-    """16 kHz mono float32: a voiced tone with harmonics, gated into syllables of 120–250 ms with pauses, plus
-    breath noise — speech's energy envelope and spectrum shape, without a TTS engine."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * SAMPLE_RATE)
-    t = np.arange(n) / SAMPLE_RATE
-    f0 = 120 + 25 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
-    voice = sum(np.sin(k * phase) / k for k in range(1, 8))
-    env = np.zeros(n)
-    pos = 0
-    while pos < n:
-        length = int(rng.uniform(0.12, 0.25) * SAMPLE_RATE)
-        seg = np.hanning(length)[: n - pos]
-        env[pos:pos + seg.size] = seg * rng.uniform(0.3, 1.0)
-        pos += length + int(rng.uniform(0.02, 0.15) * SAMPLE_RATE)
-    out = 0.2 * env * voice + 0.01 * rng.standard_normal(n)
-    return out.astype(np.float32)
 
 
 # ----- timing ----------------------------------------------------------------------------------------------

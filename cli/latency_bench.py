@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import tempfile
 import urllib.request
-import wave
 from pathlib import Path
 from typing import IO
 
@@ -24,28 +23,20 @@ import numpy as np
 
 from cli.client import talk
 from cli.server_process import ServerProcess
+from cli.speech import speechlike, write_wav
 from live.settings import Settings
-from model.audio_features import SAMPLE_RATE
 
 SPEECH = ("Hello, I am a live avatar. I speak whatever you say, in real time, for as long as you like. "
           "Every syllable you hear should meet my lips at the same moment.")
 
 
 def _speech_wav(folder: Path, seconds: float) -> Path:
-    """Real synthetic speech (espeak-ng) if installed, else speech-like noise bursts; at least ``seconds`` long."""
+    """Real synthetic speech (espeak-ng) if installed, else speech-like syllables; at least ``seconds`` long."""
     out = folder / "speech.wav"
     if shutil.which("espeak-ng"):
         subprocess.run(["espeak-ng", "-s", "170", "-w", str(out), SPEECH], check=True, capture_output=True)
         return out
-    rate = SAMPLE_RATE
-    t = np.arange(int(seconds * rate)) / rate
-    env = (np.sin(2 * np.pi * 3.0 * t) > 0) * 0.3
-    pcm = (np.random.default_rng(0).standard_normal(t.size) * env * 32767 * 0.5).astype(np.int16)
-    with wave.open(str(out), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
+    write_wav(out, speechlike(seconds))
     return out
 
 

@@ -16,7 +16,6 @@ import os
 import tempfile
 import time
 import urllib.request
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +23,8 @@ import numpy as np
 
 from cli.client import talk
 from cli.server_process import ServerProcess
+from cli.speech import speechlike, write_wav
 from live.settings import Settings
-from model.audio_features import SAMPLE_RATE
 
 SETTLE_TIMEOUT_S = 30.0
 SETTLE_SAMPLES = 3
@@ -103,14 +102,6 @@ class SoakResult:
                 f"fds {fds[0]}–{fds[-1]}")
 
 
-def _write_wav(path: Path, pcm: np.ndarray) -> None:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype(np.int16).tobytes())
-
-
 def _session_count(url: str) -> int:
     with urllib.request.urlopen(url + "/health", timeout=5) as resp:
         health = json.loads(resp.read())
@@ -140,11 +131,9 @@ async def _soak(url: str, pid: int, wav: Path, sessions: int, seconds: float) ->
 def run_soak(settings: Settings, sessions: int, seconds: float = 2.0, warmup: int = 4) -> SoakResult:
     """Serve ``settings`` and run ``sessions`` talker sessions of ``seconds`` one after another; the summary
     leaves out the samples before session ``warmup``."""
-    from cli.bench import speechlike
-
     server = ServerProcess(settings)
     with tempfile.TemporaryDirectory(prefix="live-avatar-soak-") as tmp, server as url:
         wav = Path(tmp) / "speech.wav"
-        _write_wav(wav, speechlike(seconds + 1.0))
+        write_wav(wav, speechlike(seconds + 1.0))
         samples = asyncio.run(_soak(url, server.pid, wav, sessions, seconds))
     return SoakResult(samples, min(warmup, sessions), seconds)
