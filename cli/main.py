@@ -42,12 +42,16 @@ def _serve_cluster(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_render(args: argparse.Namespace) -> int:
     from cli.render import render
+    from live.images import is_builtin_character, photo_warning
 
     settings = settings_from_args(args)
     result = render(settings, args.image, args.audio, args.out, seed=args.seed, prompt=args.prompt,
                     progress=not args.quiet)
     print(f"wrote {result.out}: {result.frames} frames at {settings.video.fps} fps, {result.width}x{result.height}, "
           f"audio {result.audio_seconds:.2f} s")
+    warning = photo_warning(settings.video.reference_photos)
+    if args.image is not None and warning is not None and not is_builtin_character(args.image):
+        print(f"warning: {args.image}: {warning}", file=sys.stderr)
     return 0
 
 

@@ -24,6 +24,23 @@ def builtin_characters() -> dict[str, Path]:
     return {p.stem: p for p in sorted(CHARACTER_DIR.glob("*.png"))}
 
 
+def is_builtin_character(path: Path) -> bool:
+    """Whether ``path`` is one of the built-in character images."""
+    try:
+        return Path(path).resolve() in {p.resolve() for p in builtin_characters().values()}
+    except OSError:
+        return False
+
+
+def photo_warning(reference_photos: bool) -> str | None:
+    """What to tell a user who gives a photo to a profile that cannot animate one (None when it can)."""
+    if reference_photos:
+        return None
+    names = ", ".join(builtin_characters())
+    return ("this profile's model animates only its built-in characters (" + names + "); a photo comes out as a "
+            "blur. Photos need the 14B profile: --config configs/liveavatar-14b.yaml")
+
+
 def default_character() -> Image.Image:
     """The first built-in character."""
     chars = builtin_characters()

@@ -50,6 +50,9 @@ class VideoSettings(BaseModel):
     realtime_sizes: list[str] = Field(["720*400", "688*368", "640*360", "384*256"], min_length=1,
                                       description="Candidate areas for realtime: auto, largest first.")
     realtime_margin: float = Field(0.10, ge=0, description="Head-room over fps that a size must sustain.")
+    reference_photos: bool = Field(True, description="Whether the profile's model animates any photo. The built-in "
+                                   "tiny model knows only its own characters: there a photo gets a warning (CLI, "
+                                   "upload response, talk page) instead of a silent blob.")
     calibration_cache: Path | None = Field(None, description="JSON file of measured block times per device, torch "
                                            "version and settings; None = ~/.cache/live-avatar/calibration.json.")
 

@@ -15,7 +15,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import web as web_assets
-from live.images import ImageError, builtin_characters
+from live.images import ImageError, builtin_characters, photo_warning
 
 from .state import STATE
 
@@ -165,7 +165,11 @@ async def upload_image(request: web.Request) -> web.Response:
         img = await asyncio.to_thread(store.validate, data)
     except ImageError as exc:
         return error_response(400, f"upload rejected: {exc}")
-    return web.json_response({"image_id": store.add(data), "width": img.width, "height": img.height}, status=201)
+    body = {"image_id": store.add(data), "width": img.width, "height": img.height}
+    warning = photo_warning(request.app[STATE].settings.video.reference_photos)
+    if warning is not None:
+        body["warning"] = warning
+    return web.json_response(body, status=201)
 
 
 async def samples(request: web.Request) -> web.Response:

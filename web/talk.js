@@ -79,6 +79,7 @@ ui.upload.addEventListener("change", async () => {
   }
   addImageChoice(body.image_id, file.name, URL.createObjectURL(file));
   chooseImage(body.image_id);
+  if (body.warning) showError(`Uploaded, but ${body.warning}`);
 });
 
 // ----- session ---------------------------------------------------------------------------------------

@@ -120,3 +120,18 @@ def test_bad_inputs_exit_nonzero_with_one_clear_line_and_no_output(tmp_path, goo
         assert "Traceback" not in err, f"{label}: {err}"
         assert len(lines) == 1 and lines[0].startswith("error:") and name in lines[0], f"{label}: {err}"
         assert not out.exists() and not list(tmp_path.glob("*.partial")), label
+
+
+def test_a_photo_given_to_the_tiny_profile_renders_with_a_clear_warning(tmp_path, good_audio, capsys):
+    from cli.main import main
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (96, 128), (180, 140, 120)).save(photo)
+    assert main(["render", "--quiet", "--image", str(photo), "--audio", str(good_audio),
+                 "--out", str(tmp_path / "photo.mp4")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: " in err and "built-in characters" in err and "liveavatar-14b" in err
+    builtin = sorted((Path(__file__).parents[2] / "assets" / "characters").glob("*.png"))[0]
+    assert main(["render", "--quiet", "--image", str(builtin), "--audio", str(good_audio),
+                 "--out", str(tmp_path / "builtin.mp4")]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -105,6 +105,8 @@ async def test_bad_uploads_are_refused_clearly(server_url, data, content_type, s
 async def test_good_upload_is_accepted_and_usable(server_url):
     status, _, payload = await _post(server_url + "/api/images", _png(320, 240), "image/png")
     assert status == 201 and payload["width"] == 320 and payload["height"] == 240
+    # The tiny test profile animates only its built-in characters: the upload says so instead of a silent blob.
+    assert "built-in characters" in payload["warning"] and "liveavatar-14b" in payload["warning"]
     status, headers, _ = await _post_sdp(server_url + f"/whip?image={payload['image_id']}&prompt=waving",
                                          await _offer(("audio",)))
     assert status == 201
