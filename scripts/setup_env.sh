@@ -39,6 +39,8 @@ if [ "$WANT_TEST" = "test" ]; then
   [ -e /usr/lib/nginx/modules/ngx_rtmp_module.so ] || need+=(libnginx-mod-rtmp)
   command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
   command -v sox >/dev/null 2>&1 || need+=(sox)
+  # coturn's turnserver: tests/signaling/test_turn.py starts it in the foreground (its system service stays off).
+  command -v turnserver >/dev/null 2>&1 || need+=(coturn)
   # GStreamer's webrtcbin as a third-party WebRTC peer (tests/gst_peer.py runs on Debian's /usr/bin/python3).
   /usr/bin/python3 tests/gst_peer.py --check >/dev/null 2>&1 || need+=(python3-gst-1.0 gir1.2-gst-plugins-bad-1.0 \
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-nice gstreamer1.0-libav)
