@@ -14,12 +14,11 @@ import json
 import logging
 
 import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
 from live.peer import OfferError, parse_offer
 from live.sinks.tracks import check_h264_offer
-from signaling.guard import GUARD
 from signaling.ws import (
     HEARTBEAT_S,
     MAX_MESSAGE_BYTES,
@@ -30,6 +29,7 @@ from signaling.ws import (
     ClientMessage,
     OfferMessage,
     describe,
+    serve_websocket,
 )
 
 from .door import FRONT_DOOR, FrontDoor, HostUnreachable, forwarded_headers
@@ -188,38 +188,4 @@ class _Relay:
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     """GET /ws at a front door: one signaling connection (at most ``ws_per_address`` open per client address),
     relayed to the host of its session."""
-    guard = request.app[GUARD]
-    address = guard.client_address(request)
-    guard.open_socket(address)
-    try:
-        return await _serve(request, address)
-    finally:
-        guard.close_socket(address)
-
-
-async def _serve(request: web.Request, address: str) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=PROTOCOL_MAX_MESSAGE_BYTES)
-    await ws.prepare(request)
-    relay = _Relay(ws, request.app[FRONT_DOOR], request)
-    guard = request.app[GUARD]
-    try:
-        async for msg in ws:
-            if not guard.message_allowed(address):
-                log.info("signaling connection from %s closed: over the message rate", address)
-                await ws.close(code=WSCloseCode.POLICY_VIOLATION,
-                               message=b"too many messages: the limit is %g per second" % guard.settings.ws_rate)
-                break
-            if msg.type == WSMsgType.TEXT:
-                try:
-                    await relay.handle(msg.data)
-                except Exception as exc:  # noqa: BLE001 - one bad message must not end the connection
-                    log.exception("relaying a signaling message failed")
-                    await relay.error(f"internal error: {exc.__class__.__name__}: {exc}")
-            elif msg.type == WSMsgType.BINARY:
-                await relay.error("binary messages are not supported; send JSON text")
-            elif msg.type == WSMsgType.ERROR:
-                log.info("signaling connection dropped: %s", msg.data)
-                break
-    finally:
-        await relay.shutdown()
-    return ws
+    return await serve_websocket(request, lambda ws: _Relay(ws, request.app[FRONT_DOOR], request))

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated, Literal, Union
+from collections.abc import Callable
+from typing import Annotated, Literal, Protocol, Union
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -251,40 +252,55 @@ class _Connection:
             task.cancel()
 
 
+class SignalingHandler(Protocol):
+    """What reads one signaling connection's messages: the server's own, or a front door's relay."""
+
+    async def handle(self, data: str) -> None:
+        """One text message."""
+
+    async def error(self, message: str) -> None:
+        """Tell the peer what was wrong."""
+
+    async def shutdown(self) -> None:
+        """The connection ended."""
+
+
 async def websocket(request: web.Request) -> web.StreamResponse:
     """GET /ws: one signaling connection (at most ``ws_per_address`` open per client address)."""
+    return await serve_websocket(request, lambda ws: _Connection(ws, request.app[STATE]))
+
+
+async def serve_websocket(request: web.Request,
+                          make_handler: Callable[[web.WebSocketResponse], SignalingHandler]) -> web.WebSocketResponse:
+    """Serve one signaling WebSocket under the guard's socket cap and message rate: JSON text messages go to the
+    handler ``make_handler`` builds for it; one failing message is reported, never the end of the connection."""
     guard = request.app[GUARD]
     address = guard.client_address(request)
     guard.open_socket(address)
     try:
-        return await _serve(request, address)
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=PROTOCOL_MAX_MESSAGE_BYTES)
+        await ws.prepare(request)
+        handler = make_handler(ws)
+        try:
+            async for msg in ws:
+                if not guard.message_allowed(address):
+                    log.info("signaling connection from %s closed: over the message rate", address)
+                    await ws.close(code=WSCloseCode.POLICY_VIOLATION,
+                                   message=b"too many messages: the limit is %g per second" % guard.settings.ws_rate)
+                    break
+                if msg.type == WSMsgType.TEXT:
+                    try:
+                        await handler.handle(msg.data)
+                    except Exception as exc:  # noqa: BLE001 - one bad message must not end the connection
+                        log.exception("signaling message failed")
+                        await handler.error(f"internal error: {exc.__class__.__name__}: {exc}")
+                elif msg.type == WSMsgType.BINARY:
+                    await handler.error("binary messages are not supported; send JSON text")
+                elif msg.type == WSMsgType.ERROR:
+                    log.info("signaling connection dropped: %s", msg.data)
+                    break
+        finally:
+            await handler.shutdown()
+        return ws
     finally:
         guard.close_socket(address)
-
-
-async def _serve(request: web.Request, address: str) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=PROTOCOL_MAX_MESSAGE_BYTES)
-    await ws.prepare(request)
-    conn = _Connection(ws, request.app[STATE])
-    guard = request.app[GUARD]
-    try:
-        async for msg in ws:
-            if not guard.message_allowed(address):
-                log.info("signaling connection from %s closed: over the message rate", address)
-                await ws.close(code=WSCloseCode.POLICY_VIOLATION,
-                               message=b"too many messages: the limit is %g per second" % guard.settings.ws_rate)
-                break
-            if msg.type == WSMsgType.TEXT:
-                try:
-                    await conn.handle(msg.data)
-                except Exception as exc:  # noqa: BLE001 - one bad message must not end the connection
-                    log.exception("signaling message failed")
-                    await conn.error(f"internal error: {exc.__class__.__name__}: {exc}")
-            elif msg.type == WSMsgType.BINARY:
-                await conn.error("binary messages are not supported; send JSON text")
-            elif msg.type == WSMsgType.ERROR:
-                log.info("signaling connection dropped: %s", msg.data)
-                break
-    finally:
-        await conn.shutdown()
-    return ws
