@@ -15,20 +15,16 @@ import logging
 
 import aiohttp
 from aiohttp import WSMsgType, web
-from pydantic import ValidationError
 
 from live.peer import OfferError, parse_offer
 from live.sinks.tracks import check_h264_offer
 from signaling.ws import (
     HEARTBEAT_S,
-    MAX_MESSAGE_BYTES,
-    MESSAGE_TYPES,
     PROTOCOL_MAX_MESSAGE_BYTES,
     ByeMessage,
     CandidateMessage,
-    ClientMessage,
     OfferMessage,
-    describe,
+    parse_message,
     serve_websocket,
 )
 
@@ -69,24 +65,10 @@ class _Relay:
 
     async def handle(self, text: str) -> None:
         """One client message: checked as the single server checks it, then placed or relayed."""
-        if len(text) > MAX_MESSAGE_BYTES:
-            await self.error(f"message of {len(text)} bytes is larger than the {MAX_MESSAGE_BYTES}-byte limit")
-            return
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            await self.error(f"not valid JSON: {exc}")
-            return
-        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
-            await self.error('each message must be a JSON object with a "type" field')
-            return
-        if data["type"] not in MESSAGE_TYPES:
-            await self.error(f"unknown message type {data['type']!r}; expected one of {', '.join(MESSAGE_TYPES)}")
-            return
-        try:
-            msg = ClientMessage.validate_python(data)
-        except ValidationError as exc:
-            await self.error(f"invalid {data['type']} message: {describe(exc)}")
+            data, msg = parse_message(text)
+        except ValueError as exc:
+            await self.error(str(exc))
             return
         if isinstance(msg, OfferMessage):
             await self.offer(data, msg)

@@ -102,6 +102,22 @@ def describe(exc: ValidationError) -> str:
     return f"{where}: {first['msg']}"
 
 
+def parse_message(text: str) -> tuple[dict, BaseModel]:
+    """A client's text message as (its JSON object, its validated message); ``ValueError`` with what is wrong
+    (size, JSON, nesting, type, fields) for the client."""
+    if len(text) > MAX_MESSAGE_BYTES:
+        raise ValueError(f"message of {len(text)} bytes is larger than the {MAX_MESSAGE_BYTES}-byte limit")
+    data = parse_json(text)
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise ValueError('each message must be a JSON object with a "type" field')
+    if data["type"] not in MESSAGE_TYPES:
+        raise ValueError(f"unknown message type {data['type']!r}; expected one of {', '.join(MESSAGE_TYPES)}")
+    try:
+        return data, ClientMessage.validate_python(data)
+    except ValidationError as exc:
+        raise ValueError(f"invalid {data['type']} message: {describe(exc)}") from None
+
+
 class _Connection:
     """One signaling connection; it owns at most one session at a time."""
 
@@ -123,24 +139,10 @@ class _Connection:
         await self.send({"type": "error", "message": message})
 
     async def handle(self, text: str) -> None:
-        if len(text) > MAX_MESSAGE_BYTES:
-            await self.error(f"message of {len(text)} bytes is larger than the {MAX_MESSAGE_BYTES}-byte limit")
-            return
         try:
-            data = parse_json(text)
+            _, msg = parse_message(text)
         except ValueError as exc:
             await self.error(str(exc))
-            return
-        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
-            await self.error('each message must be a JSON object with a "type" field')
-            return
-        if data["type"] not in MESSAGE_TYPES:
-            await self.error(f"unknown message type {data['type']!r}; expected one of {', '.join(MESSAGE_TYPES)}")
-            return
-        try:
-            msg = ClientMessage.validate_python(data)
-        except ValidationError as exc:
-            await self.error(f"invalid {data['type']} message: {describe(exc)}")
             return
         if isinstance(msg, OfferMessage):
             await self.offer(msg)
