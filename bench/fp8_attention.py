@@ -15,7 +15,6 @@ Usage (GPU machine, cuDNN frontend on PYTHONPATH): ``python3 bench/fp8_attention
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 import traceback
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kernels import timed as kernel_timed  # noqa: E402
 from model.attention_fp8 import CudnnFP8Attention, attention_fp32, import_cudnn  # noqa: E402
 
 DEV = "cuda"
@@ -64,21 +64,8 @@ def token_counts(width: int, height: int) -> dict[str, int]:
 
 
 def timed(fn, reps: int = 15, inner: int = 5, warm: int = 3) -> float:
-    """Milliseconds per ``fn()``: median over ``reps`` event-timed runs of ``inner`` back-to-back calls, so the
-    host's per-call work (the frontend's Python layer, torch dispatch) overlaps the GPU as in a model loop."""
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / inner)
-    return statistics.median(times)
+    """:func:`bench.kernels.timed` with 5 back-to-back calls per timed run."""
+    return kernel_timed(fn, reps=reps, warm=warm, inner=inner)
 
 
 def host_us(fn, n: int = 20) -> float:

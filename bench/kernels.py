@@ -28,8 +28,9 @@ T, SINK, RING, HEADS, HD, DIM, FFN = 1056, 2640, 12672, 40, 128, 5120, 13824
 N = 3 * T
 
 
-def timed(fn, reps: int = 20, warm: int = 3) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` event-timed runs."""
+def timed(fn, reps: int = 20, warm: int = 3, inner: int = 1) -> float:
+    """Milliseconds per ``fn()``: median over ``reps`` event-timed runs of ``inner`` back-to-back calls (several
+    let the host's per-call work overlap the GPU, as in a model loop)."""
     for _ in range(warm):
         fn()
     torch.cuda.synchronize()
@@ -37,10 +38,11 @@ def timed(fn, reps: int = 20, warm: int = 3) -> float:
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(inner):
+            fn()
         b.record()
         torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / inner)
     return statistics.median(times)
 
 
