@@ -19,7 +19,6 @@ from ray.actor import ActorHandle
 from live.settings import AuthSettings, Settings
 from signaling.app import base_app
 from signaling.auth import Auth, check_exposure
-from signaling.guard import GUARD, Guard
 from signaling.images import ImageStore
 
 from . import forwarding, proxy, status
@@ -43,9 +42,8 @@ def create_front_door(settings: Settings, address: str, registry: ActorHandle, n
     door = FrontDoor(settings=settings, address=address, registry=registry,
                      images=ImageStore(settings.server.max_upload_bytes, settings.server.max_image_side),
                      auth=Auth(settings.server.auth))
-    app = base_app()
+    app = base_app(settings)
     app[FRONT_DOOR] = door
-    app[GUARD] = Guard(settings.server.guard, settings.server.host)
 
     async def start(app: web.Application) -> None:
         door.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(node_ip, 0)))

@@ -20,12 +20,12 @@ from .state import STATE, ServerState
 log = logging.getLogger(__name__)
 
 
-def base_app() -> web.Application:
-    """An application with the middlewares and the routes that hold no session state (pages, samples, static
-    files): :func:`create_app` adds the sessions; a cluster front door (``cluster/``) forwards them to hosts.
-
-    The request guard (Host, Origin, rate limits) applies once ``app[GUARD]`` is set, as :func:`create_app` does."""
+def base_app(settings: Settings) -> web.Application:
+    """An application with the request guard of ``settings`` (Host, Origin, rate limits), the middlewares and the
+    routes that hold no session state (pages, samples, static files): :func:`create_app` adds the sessions; a
+    cluster front door (``cluster/``) forwards them to hosts."""
     app = web.Application(middlewares=[guard_requests, http.json_errors])
+    app[GUARD] = Guard(settings.server.guard, settings.server.host)
     app.add_routes([
         web.get("/", http.index),
         web.get("/view/{session}", http.view),
@@ -43,9 +43,8 @@ def create_app(settings: Settings) -> web.Application:
     state = ServerState(settings=settings, manager=SessionManager(settings, metrics), metrics=metrics,
                         images=ImageStore(settings.server.max_upload_bytes, settings.server.max_image_side),
                         auth=Auth(settings.server.auth))
-    app = base_app()
+    app = base_app(settings)
     app[STATE] = state
-    app[GUARD] = Guard(settings.server.guard, settings.server.host)
 
     async def start(app: web.Application) -> None:
         await state.manager.start()
