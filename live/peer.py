@@ -13,16 +13,34 @@ from aiortc import (
     RTCPeerConnection,
     RTCSessionDescription,
 )
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from live.settings import IceServer
 
 MAX_SDP_BYTES = 64 * 1024
+AUDIO_JITTER_PACKETS = 16  # aiortc's own capacity: 320 ms of 20 ms packets to reorder within
 
 
 class OfferError(ValueError):
     """An SDP offer is malformed or lacks what the endpoint needs."""
+
+
+def release_audio_promptly(receiver) -> bool:
+    """Make ``receiver`` (an aiortc ``RTCRtpReceiver`` of audio) hand on each voice packet as soon as it is complete.
+
+    aiortc's audio jitter buffer holds 4 packets (80 ms) before it releases the oldest. That buys nothing here: a
+    missing packet stalls it either way until the buffer is full, and the session's audio feed already absorbs late
+    packets (it fills silence after its input slack). Released at once, the talker's voice reaches the engine
+    ~60-80 ms sooner, which is that much off the voice-to-mouth delay. Returns False (and changes nothing) if this
+    aiortc keeps its buffer elsewhere.
+    """
+    name = "_RTCRtpReceiver__jitter_buffer"
+    if not isinstance(getattr(receiver, name, None), JitterBuffer):
+        return False
+    setattr(receiver, name, JitterBuffer(capacity=AUDIO_JITTER_PACKETS, prefetch=1))
+    return True
 
 
 def parse_offer(sdp: str, need: tuple[str, ...] = ()) -> SessionDescription:
@@ -125,6 +143,8 @@ class PeerLink:
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind in refuse and transceiver.sender.track is None:
                 transceiver.direction = "inactive"
+            if transceiver.kind == "audio":
+                release_audio_promptly(transceiver.receiver)
         await self.pc.setLocalDescription(dtls_passive(offer_sdp, await self.pc.createAnswer()))
         return self.pc.localDescription.sdp
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
 import time
 from collections.abc import Coroutine
@@ -429,10 +428,13 @@ class SessionManager:
         self.sessions.pop(session.id, None)
 
     def _delay_s(self, worker: EngineWorker, handle: EngineHandle) -> float:
-        """Output delay: the engine's lookahead + block, worst-case compute with the worker shared by its share of
-        ``max_sessions``, input slack and a margin of frames."""
+        """Output delay, sized for what this session needs: the engine's lookahead + block, the worker's pessimistic
+        block time once for every engine on it now (this one included: their blocks take turns), input slack and
+        a margin of frames. A session that starts alone on its worker does not pay for sessions that may never
+        come; one that joins later pays for those already there. (Sized for ``max_sessions`` instead, a lone tiny
+        session answered ~0.2 s later.)"""
         eng = handle.engine
-        sharing = math.ceil(self.settings.server.max_sessions / len(self.workers))
+        sharing = max(1, worker.engines)
         return (eng.latency_s + worker.block_estimate_s() * sharing + INPUT_SLACK_S
                 + OUTPUT_MARGIN_FRAMES / eng.fps)
 

@@ -67,8 +67,9 @@ async def viewer_of_whip_session(server_url: str, wav: Path, voice: np.ndarray, 
 
 
 @asynccontextmanager
-async def talk_page(server_url: str, wav: Path) -> AsyncIterator:
-    """The talk page at 1280×720 with ``wav`` as the microphone; yields the page.
+async def talk_page(server_url: str, wav: Path, init_script: str | None = None) -> AsyncIterator:
+    """The talk page at 1280×720 with ``wav`` as the microphone (and ``init_script``, a JavaScript function's
+    source, run before the page's own scripts); yields the page.
 
     On a clean exit it asserts the page raised no JavaScript errors; the browser closes either way.
     """
@@ -80,6 +81,8 @@ async def talk_page(server_url: str, wav: Path) -> AsyncIterator:
             page = await browser.new_page(viewport={"width": 1280, "height": 720})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
+            if init_script is not None:
+                await page.add_init_script(f"({init_script})()")
             await page.goto(server_url + "/")
             yield page
             assert errors == []

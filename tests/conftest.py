@@ -117,6 +117,6 @@ def random_stream_inputs(dit, blocks: int, size: int = 8, seed: int = 0) -> tupl
     c = dit.config
     ref = torch.randn(1, 16, 1, size, size, generator=g)
     motion = torch.randn(1, 16, 19, size, size, generator=g)
-    feats = torch.randn(1, blocks, c.num_audio_layers, c.audio_dim, 12, generator=g)
+    feats = torch.randn(1, blocks, c.num_audio_layers, c.audio_dim, 4 * c.frames_per_block, generator=g)
     latents = torch.randn(1, 16, blocks * c.frames_per_block, size, size, generator=g)
     return ref, motion, feats, latents

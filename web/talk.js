@@ -20,7 +20,7 @@ function describeSize(msg) {
 }
 
 let chosenImage = null; // a sample name or an upload id; null = the server's default character
-let call = null; // {pc, ws, mic, statsTimer, serverLatency, lastFrames, lastTime}
+let call = null; // {pc, ws, mic, meter, statsTimer, serverLatency, lastFrames, lastTime}
 
 function showError(message) {
   ui.error.textContent = message;
@@ -127,13 +127,15 @@ async function start() {
   }
   const pc = new RTCPeerConnection({ iceServers: config.ice_servers });
   const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
-  call = { pc, ws, mic, statsTimer: null, serverLatency: null, lastFrames: null, lastTime: null };
+  call = { pc, ws, mic, meter: new VoiceDelayMeter(mic), statsTimer: null, serverLatency: null, lastFrames: null,
+           lastTime: null };
 
   pc.addTransceiver(mic.getAudioTracks()[0], { direction: "sendrecv" });
   pc.addTransceiver("video", { direction: "recvonly" });
   const remote = new MediaStream();
   pc.ontrack = (ev) => {
     remote.addTrack(ev.track);
+    if (ev.track.kind === "audio") call.meter.attachRemote(remote);
     ui.video.srcObject = remote;
     ui.placeholder.hidden = true;
     ui.video.play().catch(() => {});
@@ -222,10 +224,17 @@ async function updateStats() {
   }
   call.lastFrames = frames;
   call.lastTime = now;
-  if (call.serverLatency !== null) {
-    const network = (jitter || 0) + (rtt || 0) / 2;
-    ui.latency.textContent = `≈ ${(call.serverLatency + network).toFixed(2)} s ` +
-      `(avatar ${call.serverLatency.toFixed(2)} s + network ${(network * 1000).toFixed(0)} ms)`;
+  // Measured voice → mouth (this page's mic to the avatar's lip-synced voice as played here) when speech has
+  // come back; until then the server's part alone.
+  const measured = call.meter.delayS;
+  const network = (jitter || 0) + (rtt || 0) / 2;
+  if (measured !== null) {
+    ui.latency.textContent = `${measured.toFixed(2)} s voice → mouth, measured` +
+      (call.serverLatency === null ? "" : ` (server ${call.serverLatency.toFixed(2)} s, ` +
+        `jitter buffer + network ${(network * 1000).toFixed(0)} ms)`);
+  } else if (call.serverLatency !== null) {
+    ui.latency.textContent = `measuring… (server ${call.serverLatency.toFixed(2)} s + network ` +
+      `${(network * 1000).toFixed(0)} ms)`;
   }
 }
 
@@ -266,6 +275,7 @@ function stop(message) {
     c.ws.close();
     c.pc.close();
     c.mic.getTracks().forEach((t) => t.stop());
+    c.meter.stop();
   }
   ui.video.srcObject = null;
   ui.placeholder.hidden = false;

@@ -92,12 +92,13 @@ def test_mouth_stays_closed_in_silence_while_idle_motion_goes_on(talking):
     assert motion.min() > 0.05  # something moves within every 12 silent frames
 
 
-def test_no_seams_at_block_boundaries(talking):
+def test_no_seams_at_block_boundaries(stack, talking):
     _, frames = talking
+    n = stack.dit.config.frames_per_block * 4  # video frames per block
     diffs = np.abs(np.diff(frames.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))
-    # diffs[j] is between frames j and j+1; a block boundary is between 12k-1 and 12k
-    boundary = diffs[np.arange(11, len(diffs), 12)]
-    within = np.delete(diffs, np.arange(11, len(diffs), 12))
+    # diffs[j] is between frames j and j+1; a block boundary is between n·k-1 and n·k
+    boundary = diffs[np.arange(n - 1, len(diffs), n)]
+    within = np.delete(diffs, np.arange(n - 1, len(diffs), n))
     p_b, p_w = np.percentile(boundary, 95), np.percentile(within, 95)
     print(f"frame difference p95: boundary {p_b:.3f}, within {p_w:.3f}")
     assert p_b <= p_w
@@ -130,12 +131,13 @@ def test_training_forward_equals_streaming_inference(stack):
     h = w = 8
     ref, motion, feats, noisy = random_stream_inputs(dit, 6, h)
     text_kv = dit.text_kv(stack.text_encoder.encode("hello"))
+    f = dit.config.frames_per_block
     for step in (0, 2):
         t = stack.schedule.timesteps[step].expand(1)
         caches = dit.new_caches(stack.schedule.steps, h, w)
         dit.prefill_sink(caches, ref, motion, text_kv)
-        streamed = torch.cat([dit.forward_block(noisy[:, :, 3 * j:3 * j + 3], t, dit.encode_audio(feats[:, j]), text_kv,
-                                                caches, step, 3 * j) for j in range(6)], dim=2)
+        streamed = torch.cat([dit.forward_block(noisy[:, :, f * j:f * j + f], t, dit.encode_audio(feats[:, j]), text_kv,
+                                                caches, step, f * j) for j in range(6)], dim=2)
         with torch.no_grad():
             glob, local = dit.encode_audio_blocks(feats)
             whole = dit.clip_velocity(dit.sink_kv(ref, motion, text_kv), noisy, t, glob, local, text_kv)
