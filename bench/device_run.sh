@@ -46,3 +46,18 @@ gpu_serve() {
     --server-log "$OUT/server-$name.log" "$@" 2>&1 \
     | tee "$OUT/serve-$name.log"
 }
+
+# gpu_fp8_kv [bench/fp8_kv.py flags...]: the FP8 KV / FP8 attention tests on CUDA (log $OUT/fp8_kv_tests.log), then
+# bf16 vs FP8 KV × bf16 vs FP8 self-attention on the 14B DiT (random weights, FP8 linears unless LIVE_AVATAR_FP8
+# says otherwise) at 704×384 (log $OUT/fp8_kv.log). Installs the cuDNN frontend from $FP8_WHEELS (default .whl/fp8,
+# carry it) and puts torch's cuDNN on the library path.
+gpu_fp8_kv() {
+  local cudnn_lib
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "${FP8_WHEELS:-.whl/fp8}"/*.whl || return 1
+  cudnn_lib=$(python3 -c "import nvidia.cudnn as c; print(list(c.__path__)[0] + '/lib')") || return 1
+  export LD_LIBRARY_PATH="$cudnn_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  python3 -m pytest -q -s -p no:cacheprovider tests/model/test_kv_fp8.py tests/model/test_attention_fp8.py 2>&1 \
+    | tee "$OUT/fp8_kv_tests.log"
+  LIVE_AVATAR_FP8=${LIVE_AVATAR_FP8:-true} python3 bench/fp8_kv.py "$@" 2>&1 | tee "$OUT/fp8_kv.log"
+}

@@ -331,6 +331,22 @@ class Settings(BaseSettings):
     compile: bool = Field(False, description="torch.compile the DiT's per-layer pieces (first blocks compile).")
     cuda_graphs: bool = Field(False, description="Replay each denoising step as a CUDA graph once a stream's KV "
                               "ring is full (captured during the first blocks after that; CUDA only).")
+    attention: Literal["auto", "dtype", "fp8"] = Field("auto", description="The DiT's self-attention: 'dtype' "
+                                                       "(the compute dtype's kernels, bf16 cuDNN on GPUs), 'fp8' "
+                                                       "(e4m3 Q/K/V through cuDNN's FP8 flash attention: Hopper GPU "
+                                                       "and the nvidia-cudnn-frontend package; on CPU the float32 "
+                                                       "reference of the same maths), or 'auto' (= 'dtype' until FP8 "
+                                                       "is validated on real weights). Text cross-attention and the "
+                                                       "audio injectors always stay in the compute dtype.")
+    fp8_attention_skip_layers: list[int] = Field([0, -1], description="DiT layers kept out of FP8 attention "
+                                                 "(negative indices count from the end; default the first and "
+                                                 "last).")
+    kv_cache_dtype: Literal["auto", "bf16", "fp8"] = Field("auto", description="Storage of the KV rings and sink: "
+                                                           "'fp8' = e4m3 with one scale per layer and head, fixed at "
+                                                           "the stream's first sink prefill (half of bf16's memory; "
+                                                           "reads dequantise, or go straight to FP8 attention); "
+                                                           "'bf16'; 'auto' = 'fp8' with attention: fp8, else the "
+                                                           "compute dtype.")
     model: ModelConfig = ModelConfig()
     video: VideoSettings = VideoSettings()
     stream: StreamSettings = StreamSettings()
@@ -356,7 +372,9 @@ class Settings(BaseSettings):
         return StackOptions(device=self.device, dtype=self.dtype, seed=self.seed, threads=self.threads,
                             checkpoint_dir=self.checkpoint_dir, lora=self.lora, weights=self.weights,
                             text_device=self.text_device, fp8=self.fp8, compile=self.compile,
-                            cuda_graphs=self.cuda_graphs, steps=self.stream.steps, shift=self.stream.shift)
+                            cuda_graphs=self.cuda_graphs, attention=self.attention,
+                            fp8_attention_skip_layers=tuple(self.fp8_attention_skip_layers),
+                            kv_cache_dtype=self.kv_cache_dtype, steps=self.stream.steps, shift=self.stream.shift)
 
 
 class ConfigError(ValueError):

@@ -4,16 +4,20 @@ such attentions over disjoint key sets, and the SDPA backend preference on CUDA.
 The streaming DiT attends a block's queries to [sink | ring] as two attentions merged by their log-sum-exp, so
 neither key set is ever concatenated. Which LSE-returning CUDA kernel works (cuDNN, FlashAttention,
 memory-efficient) depends on the GPU and torch version, so :class:`LseAttention` probes once per dtype and keeps
-its choice on the instance (each model owns one; nothing is global).
+its choice on the instance (each model owns one; nothing is global). :class:`StreamAttention` routes the DiT's
+streaming self-attention to it or, per layer, to FP8 attention (:mod:`model.attention_fp8`) over the stored K/V.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+
+from .attention_fp8 import CudnnFP8Attention, quantize_query, sdpa_fp8_reference
+from .kv_fp8 import StoredKV
 
 LseKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -89,6 +93,69 @@ class LseAttention:
                 return name
             errors[name] = f"relative error {err:.3g}"
         raise RuntimeError(f"no CUDA attention kernel with log-sum-exp works for {dtype}: {errors}")
+
+
+ATTENTION_MODES = ("dtype", "fp8")
+
+
+def resolve_attention(setting: str) -> str:
+    """The self-attention mode for the ``attention`` setting: 'auto' → 'dtype' (FP8 attention is opt-in until it is
+    validated on real weights; bench/RESULTS.md), else the setting itself."""
+    mode = "dtype" if setting == "auto" else setting
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention {setting!r}; use 'auto', 'dtype' or 'fp8'")
+    return mode
+
+
+class StreamAttention:
+    """The DiT's streaming self-attention: a block's queries ``[B, Sq, H, D]`` over one stored key set (the sink or
+    one step's ring, :class:`model.kv_fp8.StoredKV`) → (output ``[B, H, Sq, D]``, log-sum-exp ``[B, H, Sq]``
+    float32), the two halves :func:`merge_attention` combines.
+
+    ``mode='dtype'``: :class:`LseAttention` in the queries' dtype; K/V stored in e4m3 are dequantised first.
+    ``mode='fp8'``: e4m3 attention in every layer except ``skip_layers`` (indices, negative from the end): stored
+    e4m3 K/V go to the kernel as they are (other K/V are quantised per call), queries are quantised per call; on
+    CUDA through :class:`model.attention_fp8.CudnnFP8Attention` (Hopper; see :func:`model.attention_fp8.check_fp8_attention`),
+    elsewhere through :func:`model.attention_fp8.sdpa_fp8_reference` (dequantise, float32 attention: the maths
+    without the kernel's rounding of P and O, for CPU tests). Text cross-attention and the audio injectors never
+    come here and stay in the compute dtype."""
+
+    def __init__(self, mode: str = "dtype", skip_layers: Iterable[int] = (), num_layers: int = 0) -> None:
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"unknown attention mode {mode!r}; use one of {ATTENTION_MODES}")
+        skip = set()
+        for layer in skip_layers:
+            if not -num_layers <= layer < num_layers:
+                raise ValueError(f"fp8_attention_skip_layers: layer {layer} is outside a {num_layers}-layer DiT "
+                                 f"(use 0..{num_layers - 1}, or negative indices from the end)")
+            skip.add(layer % num_layers)
+        self.mode = mode
+        self.fp8_layers = frozenset(range(num_layers)) - skip if mode == "fp8" else frozenset()
+        self.lse = LseAttention()
+        self.cudnn = CudnnFP8Attention() if self.fp8_layers else None
+
+    @property
+    def builds_plans(self) -> bool:
+        """Whether a CUDA call may build a cuDNN FP8 plan for a new shape, which synchronises the device: run one
+        eager step of a shape before capturing it in a CUDA graph."""
+        return bool(self.fp8_layers)
+
+    def __call__(self, layer: int, q: torch.Tensor, kv: StoredKV) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.fp8_layers:
+            return self._fp8(q, kv)
+        k, v = kv.dense(q.dtype)
+        return self.lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+    def _fp8(self, q: torch.Tensor, kv: StoredKV) -> tuple[torch.Tensor, torch.Tensor]:
+        k8, v8, k_descale, v_descale = kv.fp8()
+        if q.is_cuda:
+            q8, q_descale, k_descale = quantize_query(q, k_descale, self.cudnn.per_head_qk(q.device))
+            out, lse = self.cudnn(q8, k8, v8, q_descale, k_descale, v_descale, return_lse=True, out_dtype=q.dtype)
+        else:
+            q8, q_descale, k_descale = quantize_query(q, k_descale)
+            out, lse = sdpa_fp8_reference(q8, k8, v8, q_descale, k_descale, v_descale, return_lse=True,
+                                          out_dtype=q.dtype)
+        return out.transpose(1, 2), lse
 
 
 def sdpa_backends(device: torch.device):

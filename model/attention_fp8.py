@@ -85,12 +85,20 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per_head_qk:
     stay exact in real arithmetic, K's descale becomes 1 and Q's is one element."""
     k8, k_descale = quantize_heads(k)
     v8, v_descale = quantize_heads(v)
+    q8, q_descale, k_descale = quantize_query(q, k_descale, per_head_qk)
+    return q8, k8, v8, q_descale, k_descale, v_descale
+
+
+def quantize_query(q: torch.Tensor, k_descale: torch.Tensor, per_head_qk: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantise ``[B, S, H, D]`` queries against keys already in e4m3 with ``[B, H]`` (or one-element) descales →
+    ``(q8, q_descale, k_descale)``: per head with ``per_head_qk`` (K's descale unchanged), else with K's per-head
+    descale folded into Q before one per-tensor quantisation (K's descale becomes 1), as :func:`quantize_qkv`."""
     if per_head_qk:
         q8, q_descale = quantize_heads(q)
-    else:
-        q8, q_descale = quantize_heads(q.float() * _descale_view(k_descale, q), per_head=False)
-        k_descale = torch.ones(1, 1, device=k.device, dtype=torch.float32)
-    return q8, k8, v8, q_descale, k_descale, v_descale
+        return q8, q_descale, k_descale
+    q8, q_descale = quantize_heads(q.float() * _descale_view(k_descale, q), per_head=False)
+    return q8, q_descale, torch.ones(1, 1, device=q.device, dtype=torch.float32)
 
 
 def smooth_keys(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +155,21 @@ def import_cudnn() -> Any:
         raise ImportError("FP8 attention on CUDA needs NVIDIA's cuDNN frontend: pip install nvidia-cudnn-frontend "
                           f"(Python module 'cudnn'), with the cuDNN 9 library torch uses ({exc})") from exc
     return cudnn
+
+
+def check_fp8_attention(device: torch.device) -> None:
+    """Raise, saying what to change, when FP8 attention cannot run on ``device``: on CUDA it needs cuDNN's FP8 flash
+    attention, i.e. a Hopper (sm90) or newer GPU and ``nvidia-cudnn-frontend``; other devices run
+    :func:`sdpa_fp8_reference` and always can."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        raise RuntimeError(f"attention: fp8 needs cuDNN's FP8 flash attention, i.e. a Hopper (sm90) or newer GPU; "
+                           f"{torch.cuda.get_device_name(device)} is sm{major}{minor}. Use attention: auto "
+                           "(kv_cache_dtype: fp8 alone still halves the KV memory)")
+    import_cudnn()
 
 
 @dataclass

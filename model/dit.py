@@ -28,10 +28,12 @@ import torch.nn.functional as F
 from diffusers.models.normalization import AdaLayerNorm
 from torch import nn
 
-from .attention import LseAttention, merge_attention, sdpa_backends
+from .attention import StreamAttention, merge_attention, sdpa_backends
+from .attention_fp8 import E4M3
 from .audio_encoder import CausalAudioEncoder
 from .config import DiTConfig
 from .cuda_graphs import StepGraphs
+from .kv_fp8 import StoredKV, kv_descale, quantize_fixed
 from .rope import apply_rope, grid_positions, rope_cos_sin, spread_indices
 
 REF_MASK_ID, MOTION_MASK_ID, NOISY_MASK_ID = 1, 2, 0
@@ -260,28 +262,91 @@ class StepCaches:
     every step, so it is stored once (``sink_k``/``sink_v``) and attended separately from the ring, the two
     results merged by their log-sum-exp: at 704×384 this saves 3 × 2.2 GB against one [sink | ring] buffer
     per step.
+
+    Ring and sink K/V are stored in ``kv_dtype`` (default: the compute ``dtype``). In e4m3 they carry one float32
+    descale per (layer, head) for K and for V (``k_descale``/``v_descale`` ``[layers, heads]``), fixed at the
+    stream's first sink prefill (:mod:`model.kv_fp8` says why): writes quantise once, saturating; reads hand the
+    e4m3 tensors and descales to attention (:meth:`sink`, :meth:`ring`), which dequantises them or feeds them to
+    an FP8 kernel as they are. The un-roped reference keys ``ref_k`` stay in ``dtype``.
     """
 
     def __init__(self, cfg: DiTConfig, steps: int, tokens_per_frame: int, sink_tokens: int,
-                 batch: int, device: torch.device, dtype: torch.dtype) -> None:
+                 batch: int, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> None:
         self.tokens_per_frame = tokens_per_frame
         self.sink_tokens = sink_tokens
         self.ring_tokens = cfg.kv_cache_frames * tokens_per_frame
+        self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype
         heads = (cfg.num_heads, cfg.head_dim)
         ring = (steps, cfg.num_layers, batch, self.ring_tokens) + heads
         sink = (cfg.num_layers, batch, sink_tokens) + heads
-        self.k = torch.zeros(ring, device=device, dtype=dtype)
-        self.v = torch.zeros(ring, device=device, dtype=dtype)
-        self.sink_k = torch.zeros(sink, device=device, dtype=dtype)
-        self.sink_v = torch.zeros(sink, device=device, dtype=dtype)
+        self.k = torch.zeros(ring, device=device, dtype=self.kv_dtype)
+        self.v = torch.zeros(ring, device=device, dtype=self.kv_dtype)
+        self.sink_k = torch.zeros(sink, device=device, dtype=self.kv_dtype)
+        self.sink_v = torch.zeros(sink, device=device, dtype=self.kv_dtype)
         self.ref_k = torch.zeros((cfg.num_layers, batch, tokens_per_frame) + heads, device=device, dtype=dtype)
+        scales = (cfg.num_layers, cfg.num_heads)
+        self.k_descale = torch.ones(scales, device=device) if self.fp8 else None
+        self.v_descale = torch.ones(scales, device=device) if self.fp8 else None
         self.frames_written = [0] * steps
         self.ref_roped_for: int | None = None  # block start the sink's reference keys are currently roped for
         self.graphs: StepGraphs | None = None  # CUDA graphs of the full-ring steps (CausalS2VDiT.cuda_graphs)
 
+    @property
+    def fp8(self) -> bool:
+        """Whether ring and sink K/V are stored in e4m3."""
+        return self.kv_dtype == E4M3
+
     def nbytes(self) -> int:
-        """Bytes of KV memory held."""
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.sink_k, self.sink_v, self.ref_k))
+        """Bytes of KV memory held (e4m3 K/V count one byte an element, plus their descales)."""
+        tensors = (self.k, self.v, self.sink_k, self.sink_v, self.ref_k, self.k_descale, self.v_descale)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def store_sink(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one layer's sink: roped keys and values ``[B, sink_tokens, H, D]``. In e4m3, the first prefill of a
+        stream (nothing in the rings yet) fixes the layer's descales from these K/V; a later one (the rolling-sink
+        refresh) keeps them, so the rings stay valid."""
+        if self.fp8 and not any(self.frames_written):
+            self.k_descale[layer].copy_(kv_descale(k, rotary=True))
+            self.v_descale[layer].copy_(kv_descale(v))
+        self.sink_k[layer] = self._encode(k, self.k_descale, layer)
+        self.sink_v[layer] = self._encode(v, self.v_descale, layer)
+
+    def store_ref(self, layer: int, k: torch.Tensor) -> None:
+        """Write the reference keys roped for the current block ``[B, tokens_per_frame, H, D]`` into the sink's
+        first tokens."""
+        self.sink_k[layer][:, :k.shape[1]] = self._encode(k, self.k_descale, layer)
+
+    def store_block(self, step: int, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write a block's roped keys and values ``[B, n, H, D]`` into ring ``step`` of ``layer`` at token ``slot``
+        (device ops only: capturable in a CUDA graph)."""
+        n = k.shape[1]
+        self.k[step, layer][:, slot:slot + n] = self._encode(k, self.k_descale, layer)
+        self.v[step, layer][:, slot:slot + n] = self._encode(v, self.v_descale, layer)
+
+    def sink(self, layer: int) -> StoredKV:
+        """The sink of ``layer`` as attention reads it."""
+        return self._stored(self.sink_k[layer], self.sink_v[layer], layer)
+
+    def ring(self, step: int, layer: int, written: int) -> StoredKV:
+        """The first ``written`` tokens of ring ``step`` of ``layer`` as attention reads them."""
+        return self._stored(self.k[step, layer][:, :written], self.v[step, layer][:, :written], layer)
+
+    def dense_sink(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sink K/V of ``layer`` in the compute dtype (dequantised when stored in e4m3)."""
+        return self.sink(layer).dense(self.dtype)
+
+    def dense_ring(self, step: int, layer: int, written: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ring ``step`` of ``layer`` (its first ``written`` tokens, default all) in the compute dtype."""
+        return self.ring(step, layer, self.ring_tokens if written is None else written).dense(self.dtype)
+
+    def _encode(self, x: torch.Tensor, descale: torch.Tensor | None, layer: int) -> torch.Tensor:
+        return quantize_fixed(x, descale[layer]) if self.fp8 else x
+
+    def _stored(self, k: torch.Tensor, v: torch.Tensor, layer: int) -> StoredKV:
+        if self.fp8:
+            return StoredKV(k, v, self.k_descale[layer], self.v_descale[layer])
+        return StoredKV(k, v)
 
     def reset(self) -> None:
         """Make the memory ready for a new stream: nothing written yet (the next prefill refills the sink). The
@@ -313,7 +378,8 @@ class CausalS2VDiT(nn.Module):
         self.compiled = False
         self.cuda_graphs = False  # replay full-ring steps on CUDA as graphs (model/cuda_graphs.py)
         self._rope: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
-        self.attention = LseAttention()
+        self.attention = StreamAttention()  # self-attention kernels (ModelStack sets FP8 attention here)
+        self.kv_cache_dtype: torch.dtype | None = None  # storage of new KV caches; None = the compute dtype
 
     def compile_blocks(self, mode: str | None = None) -> None:
         """``torch.compile`` the per-layer pieces of :meth:`forward_block` (pre-attention, post-attention,
@@ -355,11 +421,13 @@ class CausalS2VDiT(nn.Module):
         return 2 * h2 * w2 + (height // 4) * (width // 4) + 4 * (height // 8) * (width // 8)
 
     def new_caches(self, steps: int, height: int, width: int, batch: int = 1,
-                   device: torch.device | None = None, dtype: torch.dtype | None = None) -> StepCaches:
-        """Allocate the fixed-size KV memory for one stream of latent size ``height × width``."""
+                   device: torch.device | None = None, dtype: torch.dtype | None = None,
+                   kv_dtype: torch.dtype | None = None) -> StepCaches:
+        """Allocate the fixed-size KV memory for one stream of latent size ``height × width``; K/V are stored in
+        ``kv_dtype`` (default: :attr:`kv_cache_dtype`, else the compute dtype)."""
         p = next(self.parameters())
         return StepCaches(self.config, steps, self.tokens_per_frame(height, width), self.sink_tokens(height, width),
-                          batch, device or p.device, dtype or p.dtype)
+                          batch, device or p.device, dtype or p.dtype, kv_dtype or self.kv_cache_dtype)
 
     def ref_position(self, block_start: int) -> int:
         """Temporal RoPE index of the reference token when the current block starts at ``block_start``
@@ -397,8 +465,7 @@ class CausalS2VDiT(nn.Module):
                 k, v = blk.self_attn.project_kv(h)
                 caches.ref_k[layer] = k[:, :n_ref]
                 k_roped = apply_rope(k, cos, sin)
-                caches.sink_k[layer] = k_roped
-                caches.sink_v[layer] = v
+                caches.store_sink(layer, k_roped, v)
                 dt = _dtype(blk.self_attn.o)
                 attn = F.scaled_dot_product_attention(*(t.transpose(1, 2).to(dt) for t in (apply_rope(q, cos, sin), k_roped, v)))
                 x = blk.finish(x, attn.transpose(1, 2).flatten(2), e0, text_kv[layer])
@@ -422,7 +489,7 @@ class CausalS2VDiT(nn.Module):
         cos, sin, ref_cos, ref_sin = self._block_rope(block_start, f, hp, wp, latents.device)
         if caches.ref_roped_for != block_start:  # the rolled reference position changes once per block
             for layer in range(c.num_layers):
-                caches.sink_k[layer][:, :t_per_frame] = apply_rope(caches.ref_k[layer], ref_cos, ref_sin)
+                caches.store_ref(layer, apply_rope(caches.ref_k[layer], ref_cos, ref_sin))
             caches.ref_roped_for = block_start
         ring = caches.ring_tokens
         slot = (block_start % c.kv_cache_frames) * t_per_frame
@@ -436,6 +503,8 @@ class CausalS2VDiT(nn.Module):
         if self.cuda_graphs and latents.is_cuda and written == ring:
             if caches.graphs is None:
                 caches.graphs = StepGraphs()
+                if self.attention.builds_plans:  # cuDNN builds the full-ring plans (which synchronise) eagerly;
+                    run(*inputs, text_kv)        # the step is idempotent: it rewrites the same slot
             out = caches.graphs.run((step, slot), run, inputs, text_kv)
         else:
             out = run(*inputs, text_kv)
@@ -450,17 +519,12 @@ class CausalS2VDiT(nn.Module):
         x, (f, hp, wp) = self._patchify(self.patch_embedding, latents)
         x = (x + self.cond_encoder.bias.to(x.dtype) + self.trainable_cond_mask.weight[NOISY_MASK_ID]).float()
         e, e0 = self._time(timestep)
-        n = x.shape[1]
         with sdpa_backends(x.device):
             for layer, blk in enumerate(self.blocks):
                 q, k, v = self._qkv(blk, x, e0, cos, sin)
-                kbuf, vbuf = caches.k[step, layer], caches.v[step, layer]
-                kbuf[:, slot: slot + n] = k
-                vbuf[:, slot: slot + n] = v
-                sink_k, sink_v = caches.sink_k[layer], caches.sink_v[layer]
-                qt = q.transpose(1, 2)
-                parts = (*self.attention(qt, sink_k.transpose(1, 2), sink_v.transpose(1, 2)),
-                         *self.attention(qt, kbuf[:, :written].transpose(1, 2), vbuf[:, :written].transpose(1, 2)))
+                caches.store_block(step, layer, slot, k, v)
+                parts = (*self.attention(layer, q, caches.sink(layer)),
+                         *self.attention(layer, q, caches.ring(step, layer, written)))
                 x = self._finish(blk, x, parts, e0, text_kv[layer])
                 if layer in self.audio_injector.block_to_injector:
                     idx = self.audio_injector.block_to_injector[layer]

@@ -15,10 +15,13 @@ import torch
 from torch import nn
 from transformers import Wav2Vec2Model
 
+from .attention import StreamAttention, resolve_attention
+from .attention_fp8 import check_fp8_attention
 from .audio_features import build_wav2vec2
 from .config import ModelConfig
 from .dit import CausalS2VDiT
 from .init import build_random
+from .kv_fp8 import kv_storage_dtype
 from .sampler import FlowMatchSchedule
 from .text import HashedTextEncoder
 from .vae import build_vae
@@ -26,7 +29,15 @@ from .vae import build_vae
 
 @dataclass(frozen=True)
 class StackOptions:
-    """How to build a stack: where it runs, its weights and the speed levers applied after loading."""
+    """How to build a stack: where it runs, its weights and the speed levers applied after loading.
+
+    ``attention``: the DiT's self-attention — 'dtype' (the compute dtype's kernels), 'fp8' (e4m3 Q/K/V: cuDNN's
+    FP8 flash attention on Hopper, the float32 reference on CPU; not text cross-attention or the audio injectors)
+    or 'auto' ('dtype' for now). ``fp8_attention_skip_layers``: layers kept out of FP8 attention (negative
+    indices count from the end). ``kv_cache_dtype``: storage of the KV rings and sink — 'auto' (e4m3 with FP8
+    attention, else the compute dtype), 'bf16', or 'fp8' (e4m3 with per-(layer, head) scales: half of bf16's
+    memory; :mod:`model.kv_fp8`).
+    """
 
     device: str = "auto"
     dtype: str = "float32"
@@ -39,6 +50,9 @@ class StackOptions:
     fp8: bool = False
     compile: bool = False
     cuda_graphs: bool = False
+    attention: str = "auto"
+    fp8_attention_skip_layers: tuple[int, ...] = (0, -1)
+    kv_cache_dtype: str = "auto"
     steps: int = 4
     shift: float = 3.0
 
@@ -112,7 +126,18 @@ class ModelStack:
         if o.compile:
             dit.compile_blocks()
         dit.cuda_graphs = o.cuda_graphs and device.type == "cuda"
+        configure_attention(dit, o, device, dtype)
         return cls(config, o, device, dtype, dit, vae, w2v, text, FlowMatchSchedule(o.steps, o.shift))
+
+
+def configure_attention(dit: CausalS2VDiT, options: StackOptions, device: torch.device, dtype: torch.dtype) -> None:
+    """Set the DiT's self-attention kernels and KV storage dtype from ``options`` (raises, saying what to change,
+    when FP8 attention cannot run on ``device``)."""
+    mode = resolve_attention(options.attention)
+    if mode == "fp8":
+        check_fp8_attention(device)
+    dit.attention = StreamAttention(mode, options.fp8_attention_skip_layers, dit.config.num_layers)
+    dit.kv_cache_dtype = kv_storage_dtype(options.kv_cache_dtype, dtype, mode)
 
 
 def load_project_weights(path: str | Path, modules: dict[str, nn.Module]) -> None:
