@@ -157,7 +157,8 @@ def cache_key(stack: ProfileStack) -> str:
     cuda = stack.device.type == "cuda"
     device = torch.cuda.get_device_name(stack.device) if cuda else f"cpu x{torch.get_num_threads()}"
     relevant = s.model_dump(mode="json", include={"dtype", "fp8", "compile", "cuda_graphs", "threads", "model",
-                                                   "stream"})
+                                                   "stream", "attention", "fp8_attention_skip_layers",
+                                                   "kv_cache_dtype"})
     digest = hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
     return f"{device} | torch {torch.__version__} | {digest}"
 

@@ -62,3 +62,10 @@ async def test_a_worker_generates_every_session_at_the_size_it_chose(tiny_settin
         handle.close()
     finally:
         worker.stop()
+
+
+def test_attention_and_kv_storage_settings_key_the_calibration_cache(tiny_settings, tmp_path):
+    s = _auto(tiny_settings, ["64*64"], tmp_path)
+    keys = {cache_key(ProfileStack.from_settings(s.model_copy(update=u)))
+            for u in ({}, {"kv_cache_dtype": "fp8"}, {"attention": "fp8"}, {"fp8_attention_skip_layers": [0]})}
+    assert len(keys) == 4
