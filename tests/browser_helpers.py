@@ -35,7 +35,7 @@ SHOWS_AVATAR = """(() => {
 async def launch_browser(playwright, wav: Path):
     """Debian Chromium, headless, with ``wav`` as its microphone and autoplay allowed."""
     return await playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
-        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", "--disable-gpu",
         f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
     ])
 

@@ -101,15 +101,17 @@ class AudioFeed:
             n = max(n + 1, math.floor(clock.now() * self.fps) + 1)
 
     def max_backlog(self) -> int:
-        """Frames of input the engine may have waiting: as many whole blocks as it can generate within the output
-        delay at its current speed, and never less than one block plus lookahead, which normal operation needs."""
+        """Frames of input the engine may have waiting: the whole blocks it can generate within the output delay
+        at its current speed, plus the block still gathering its audio and lookahead (which no one computes yet;
+        with the decode overlapped, a block being decoded and one being denoised are both still waiting here);
+        never less than that one block plus lookahead, never more than the delay plus one block."""
         eng = self._engine
         block_s = eng.block_time_s()
         floor = eng.frames_per_block + eng.lookahead_frames
         ceiling = math.ceil(self.delay_s * self.fps) + eng.frames_per_block
         if block_s <= 0:
             return ceiling
-        return max(floor, min(ceiling, eng.frames_per_block * math.floor(self.delay_s / block_s)))
+        return max(floor, min(ceiling, eng.frames_per_block * math.floor(self.delay_s / block_s) + floor))
 
     def add_mic(self, pcm: np.ndarray, now: float) -> None:
         """Append mic audio (float32 mono 16 kHz) that arrived at clock time ``now``."""

@@ -31,8 +31,8 @@ class _Engine:
 
 
 def test_backlog_follows_the_engines_speed_within_one_block_plus_lookahead_and_the_delay():
-    feed = AudioFeed(_Engine(0.4), fps=FPS, delay_s=1.0, metrics=ServerMetrics())
-    assert feed.max_backlog() == 24  # two whole blocks fit in 1 s at 0.4 s each
+    feed = AudioFeed(_Engine(0.6), fps=FPS, delay_s=1.0, metrics=ServerMetrics())
+    assert feed.max_backlog() == 12 + 14  # one whole block fits in 1 s at 0.6 s, plus the block gathering audio
     feed._engine.block_s = 2.0
     assert feed.max_backlog() == 14  # never below one block plus lookahead
     feed._engine.block_s = 0.01
@@ -40,14 +40,14 @@ def test_backlog_follows_the_engines_speed_within_one_block_plus_lookahead_and_t
 
 
 def test_frames_the_engine_cannot_show_in_time_are_withheld_and_mapped_around():
-    engine = _Engine(0.4)
+    engine = _Engine(0.6)
     feed = AudioFeed(engine, fps=FPS, delay_s=1.0, metrics=ServerMetrics(), max_lead_s=100)
     feed.add_mic(np.zeros(30 * SPF, np.float32), now=0.0)
-    assert feed.engine_frames == 24 and feed.withheld_frames == 6 and engine.pushed == 24 * SPF
+    assert feed.engine_frames == 26 and feed.withheld_frames == 4 and engine.pushed == 26 * SPF
     engine.frames_generated = 12
     feed.add_mic(np.zeros(4 * SPF, np.float32), now=0.0)
-    assert feed.engine_frames == 28
-    assert feed.engine_frame(23) == 23 and feed.engine_frame(25) is None and feed.engine_frame(31) == 25
+    assert feed.engine_frames == 30
+    assert feed.engine_frame(25) == 25 and feed.engine_frame(27) is None and feed.engine_frame(31) == 27
 
 
 def test_mic_running_ahead_of_the_clock_is_dropped_and_silence_fills_a_late_mic():
