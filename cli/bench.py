@@ -413,6 +413,15 @@ def run_encode_bench(settings: Settings, frames: int, warmup: int = 25) -> str:
 # ----- entry point -----------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (see ``live-avatar bench --help``); prints one table."""
+    if args.server and args.browser:
+        from cli.voice_to_mouth import run_voice_to_mouth_bench
+
+        result = run_voice_to_mouth_bench(settings_from_args(args), args.seconds, args.server_log)
+        for key, value in result.items():
+            print(f"{key}: {value}")
+        print(f"\n`{command_line(args)} --server --browser --seconds {args.seconds:g}`")
+        return 0
+
     if args.server:
         from cli.latency_bench import run_latency_bench
 

@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="duration of the --server run, or of each --soak session")
     sp.add_argument("--sessions", type=int, default=1, help="clients talking at once in the --server run")
     sp.add_argument("--server-log", type=Path, default=None, help="where the --server run's server logs to")
+    sp.add_argument("--browser", action="store_true", help="with --server: voice to mouth measured in headless "
+                    "Chromium on the talk page (fake microphone: held-out speech; needs /usr/bin/chromium and Playwright)")
     sp.add_argument("--encode", action="store_true",
                     help="time the shared H.264 encoder at 704x384 and 1280x720 (--blocks x 12 frames per row)")
     sp.add_argument("--soak", type=int, default=0, metavar="N",

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from cli.client import WhipPublisher
+from cli.voice_to_mouth import CHROMIUM, chromium_args
 
-CHROMIUM = Path("/usr/bin/chromium")
 NEEDS_CHROMIUM = pytest.mark.skipif(not CHROMIUM.exists(),
                                     reason="Debian chromium is not installed at /usr/bin/chromium")
 
@@ -34,10 +34,7 @@ SHOWS_AVATAR = """(() => {
 
 async def launch_browser(playwright, wav: Path):
     """Debian Chromium, headless, with ``wav`` as its microphone and autoplay allowed."""
-    return await playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
-        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", "--disable-gpu",
-        f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
-    ])
+    return await playwright.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(wav))
 
 
 @asynccontextmanager
