@@ -40,6 +40,14 @@ def _serve_cluster(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_face_report(args: argparse.Namespace) -> int:
+    from cli.face_report import face_report
+
+    print(face_report(settings_from_args(args), args.seconds))
+    print(f"\n`live-avatar face-report --config {args.config} --seconds {args.seconds:g}`")
+    return 0
+
+
 def _cmd_render(args: argparse.Namespace) -> int:
     from cli.render import render
     from live.images import is_builtin_character, photo_warning
@@ -82,9 +90,12 @@ def training_profile(config: str | Path | None = None) -> TrainingProfile:
     from train.profile import TrainingProfile
 
     settings = load_settings(config)
+    width, height = (int(v) for v in settings.video.size_area.split("*"))
+    if width != height:
+        raise SystemExit(f"train-tiny draws square characters: video.size_area is {settings.video.size_area}")
     return TrainingProfile(model=settings.model, options=settings.stack_options(),
                            audio_left_context_s=settings.stream.audio_left_context_s,
-                           audio_lookahead_s=settings.stream.audio_lookahead_s)
+                           audio_lookahead_s=settings.stream.audio_lookahead_s, size=width)
 
 
 def _cmd_train_tiny(args: argparse.Namespace) -> int:
@@ -162,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--soak", type=int, default=0, metavar="N",
                     help="N back-to-back sessions (--seconds each) through a real server: its RSS, threads and fds")
     sp.set_defaults(func=_cmd_bench)
+
+    sp = sub.add_parser("face-report", help="built-in avatar: facial features kept and lip sync per held-out voice, "
+                        "over a long stream of every character (markdown)")
+    common(sp)
+    sp.add_argument("--seconds", type=float, default=60.0)
+    sp.set_defaults(func=_cmd_face_report)
 
     from train.runner import add_arguments
 

@@ -26,24 +26,25 @@ from train import synthetic as syn
 from train.loop import Budget, optimizer_step, resume, save_state, state_done
 from train.profile import TrainingProfile
 
-FRAMES_PER_BLOCK = 12
 
-
-def block_windows(audio: np.ndarray, blocks: int, left: int, ahead: int) -> np.ndarray:
-    """The windows :class:`~live.stream.audio_window.AudioWindow` hands out for the first ``blocks`` blocks of a stream
-    that starts with ``audio``: ``[blocks, left + block + ahead]``, zeros before the start and past the end."""
-    block = syn.SAMPLE_RATE * FRAMES_PER_BLOCK // syn.FPS
+def block_windows(audio: np.ndarray, blocks: int, left: int, ahead: int, frames_per_block: int = 12) -> np.ndarray:
+    """The windows :class:`~live.stream.audio_window.AudioWindow` hands out for the first ``blocks`` blocks (of
+    ``frames_per_block`` video frames) of a stream that starts with ``audio``: ``[blocks, left + block + ahead]``,
+    zeros before the start and past the end."""
+    block = syn.SAMPLE_RATE * frames_per_block // syn.FPS
     padded = np.concatenate([np.zeros(left, np.float32), audio.astype(np.float32),
                              np.zeros(max(0, blocks * block + ahead - audio.size), np.float32)])
     return np.stack([padded[k * block: k * block + left + block + ahead] for k in range(blocks)])
 
 
-def block_taps(wav2vec2: Wav2Vec2Model, blocks: int, left: int, window: int, device: torch.device
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`~model.audio_features.frame_taps` of stream blocks ``0 … blocks-1`` as ``[blocks, 12]`` tensors."""
-    block = syn.SAMPLE_RATE * FRAMES_PER_BLOCK // syn.FPS
+def block_taps(wav2vec2: Wav2Vec2Model, blocks: int, left: int, window: int, device: torch.device,
+               frames_per_block: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`~model.audio_features.frame_taps` of stream blocks ``0 … blocks-1`` as ``[blocks, frames_per_block]``
+    tensors."""
+    fpb = frames_per_block
+    block = syn.SAMPLE_RATE * fpb // syn.FPS
     t50 = num_hidden_frames(wav2vec2, window)
-    taps = [frame_taps(k * block - left, k * FRAMES_PER_BLOCK, FRAMES_PER_BLOCK, syn.FPS, t50) for k in range(blocks)]
+    taps = [frame_taps(k * block - left, k * fpb, fpb, syn.FPS, t50) for k in range(blocks)]
     lo, hi, a = (torch.tensor([t[n] for t in taps], device=device) for n in range(3))
     return lo, hi, a.float()
 
@@ -58,23 +59,24 @@ class AudioProbe(torch.nn.Module):
         self.head = torch.nn.Linear((cfg.num_hidden_layers + 1) * cfg.hidden_size, 2)
 
     def forward(self, windows: torch.Tensor, taps: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """``windows [B, S]`` → predicted ``[B, 2, 12]`` (opening, roundness) of each window's block frames."""
+        """``windows [B, S]`` → predicted ``[B, 2, F]`` (opening, roundness) of each window's F block frames."""
         feats = window_features(self.wav2vec2, windows, taps)  # [B, L, C, F]
         return self.head(feats.flatten(1, 2).transpose(1, 2)).transpose(1, 2)
 
 
 def _mouth_dataset(bank: list[np.ndarray], clips: int, blocks: int, left: int, ahead: int,
-                   rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Composed clips (speech, silence, tones) cut into block windows with their frames' ground truth."""
+                   rng: np.random.Generator, fpb: int, track: str) -> dict[str, np.ndarray]:
+    """Composed clips (speech, silence, tones) cut into block windows of ``fpb`` frames with their frames' ground
+    truth (the mouth following ``track``)."""
     win, target, level, index = [], [], [], []
-    frames = FRAMES_PER_BLOCK * blocks
+    frames = fpb * blocks
     for _ in range(clips):
         audio, speech = syn.compose_audio(bank, frames / syn.FPS + 0.2, rng)
-        opening, roundness = syn.mouth_track(audio, speech, frames)
+        opening, roundness = syn.track_mouth(audio, speech, frames, track)
         amp = 10 ** (syn.frame_energy_db(audio, frames) / 20)
-        win.append(block_windows(audio, blocks, left, ahead))
-        target.append(np.stack([opening, roundness]).reshape(2, blocks, FRAMES_PER_BLOCK).transpose(1, 0, 2))
-        level.append(amp.reshape(blocks, FRAMES_PER_BLOCK))
+        win.append(block_windows(audio, blocks, left, ahead, fpb))
+        target.append(np.stack([opening, roundness]).reshape(2, blocks, fpb).transpose(1, 0, 2))
+        level.append(amp.reshape(blocks, fpb))
         index.append(np.arange(blocks))
     return {k: np.concatenate(v) for k, v in (("windows", win), ("target", target), ("level", level),
                                                ("block", index))}
@@ -109,11 +111,14 @@ def train_audio(probe: AudioProbe, args: argparse.Namespace, log: Callable[[str]
     left, ahead = profile.audio_context_samples()
     rng = np.random.default_rng([args.data_seed, 5])
     t0 = time.time()
+    fpb = profile.frames_per_block
     train = {k: torch.from_numpy(v).to(device)
-             for k, v in _mouth_dataset(bank[:-n_val] or bank, args.audio_clips, args.blocks, left, ahead, rng).items()}
+             for k, v in _mouth_dataset(bank[:-n_val] or bank, args.audio_clips, args.blocks, left, ahead, rng,
+                                        fpb, args.mouth_track).items()}
     val = {k: torch.from_numpy(v).to(device)
-           for k, v in _mouth_dataset(bank[-n_val:], args.audio_val_clips, args.blocks, left, ahead, rng).items()}
-    taps = block_taps(probe.wav2vec2, args.blocks, left, train["windows"].shape[1], device)
+           for k, v in _mouth_dataset(bank[-n_val:], args.audio_val_clips, args.blocks, left, ahead, rng,
+                                      fpb, args.mouth_track).items()}
+    taps = block_taps(probe.wav2vec2, args.blocks, left, train["windows"].shape[1], device, fpb)
     log(f"audio: {len(train['windows'])} training windows ({time.time() - t0:.0f} s)")
     eval_audio(probe, val, taps, log, f"at step {step}")
     budget = Budget(args.audio_minutes, args.audio_steps, step, args.deadline)

@@ -3,6 +3,7 @@ reference-first talking clip, video tensors and the loss weight of the mouth (an
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 from multiprocessing.pool import Pool
 
@@ -14,10 +15,11 @@ from train import synthetic as syn
 _POOL: Pool | None = None
 
 
-def characters(seed: int, extra: int) -> list[syn.Character]:
-    """The built-in characters and ``extra`` random ones (seeded)."""
+def characters(seed: int, extra: int, size: int = syn.SIZE) -> list[syn.Character]:
+    """The built-in characters and ``extra`` random ones (seeded), drawn at ``size`` × ``size``."""
     rng = np.random.default_rng(seed + 7)
-    return list(syn.BUILTIN) + [syn.random_character(rng, f"rand{i}") for i in range(extra)]
+    cast = list(syn.BUILTIN) + [syn.random_character(rng, f"rand{i}") for i in range(extra)]
+    return [dataclasses.replace(ch, size=size) for ch in cast]
 
 
 def worker_pool(workers: int) -> Pool:
@@ -37,10 +39,10 @@ def close_worker_pool() -> None:
 
 
 def data_clip_job(ch: syn.Character, audio: np.ndarray, speech: np.ndarray, frames: int,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+                  seed: int, track: str = "envelope") -> tuple[np.ndarray, np.ndarray]:
     """A talking clip of ``frames`` frames with the reference image first (``[1 + frames, H, W, 3]`` uint8) and its
-    ground-truth mouth opening per frame."""
-    video, opening = syn.render_clip(ch, audio, speech, frames, np.random.default_rng(seed))
+    ground-truth mouth opening per frame (the mouth following ``track``)."""
+    video, opening = syn.render_clip(ch, audio, speech, frames, np.random.default_rng(seed), track)
     ref = np.asarray(syn.reference_image(ch))
     return np.concatenate([ref[None], video]), opening
 
@@ -54,10 +56,11 @@ def mouth_weight(chars: list[syn.Character], idx: list[int], device: torch.devic
                  eyes: float = 3.0) -> torch.Tensor:
     """Per-pixel loss weight ``[B, 1, 1, H, W]`` of clips of characters ``chars[i]``: ``mouth`` in the mouth box,
     times ``eyes`` in the eye band, 1 elsewhere."""
-    w = torch.ones(len(idx), 1, 1, syn.SIZE, syn.SIZE, device=device)
+    size = chars[idx[0]].size
+    w = torch.ones(len(idx), 1, 1, size, size, device=device)
     for b, i in enumerate(idx):
         x0, y0, x1, y1 = chars[i].mouth_box()
         w[b, :, :, y0:y1, x0:x1] = mouth
-        cx, cy = chars[i].head_center
-        w[b, :, :, int(cy - 25):int(cy + 5), int(cx - 35):int(cx + 35)] *= eyes
+        x0, y0, x1, y1 = chars[i].eye_box()
+        w[b, :, :, y0:y1, x0:x1] *= eyes
     return w

@@ -20,7 +20,7 @@ from model.audio_features import window_features
 from model.stack import ModelStack
 from model.vae import encode_video
 from train import synthetic as syn
-from train.audio import FRAMES_PER_BLOCK, block_taps, block_windows
+from train.audio import block_taps, block_windows
 from train.clips import characters, data_clip_job, to_video, worker_pool
 from train.loop import save_state
 from train.profile import TrainingProfile
@@ -36,10 +36,11 @@ def make_data(stack: ModelStack, profile: TrainingProfile, args: argparse.Namesp
     if path.exists():
         return torch.load(path)
     device = next(stack.vae.parameters()).device
-    chars = characters(args.seed, args.extra_characters)
+    chars = characters(args.seed, args.extra_characters, profile.size)
     bank = syn.load_speech_bank(args.speech)
     left, ahead = profile.audio_context_samples()
-    frames = FRAMES_PER_BLOCK * args.blocks
+    fpb = profile.frames_per_block
+    frames = fpb * args.blocks
     pool = worker_pool(args.workers)
     lat, feats, char_idx, opens = [], [], [], []
     rng = np.random.default_rng(args.data_seed + 11)
@@ -51,12 +52,12 @@ def make_data(stack: ModelStack, profile: TrainingProfile, args: argparse.Namesp
             ci = int(rng.integers(len(chars)))
             audio, speech = syn.compose_audio(bank, frames / syn.FPS + 0.2, rng)
             jobs.append((ci, audio, speech, int(rng.integers(2**31))))
-        outs = pool.starmap(data_clip_job, [(chars[ci], a, s, frames, sd) for ci, a, s, sd in jobs])
+        outs = pool.starmap(data_clip_job, [(chars[ci], a, s, frames, sd, args.mouth_track) for ci, a, s, sd in jobs])
         video = to_video(np.stack([o[0] for o in outs]), device)
         lat.append(encode_video(stack.vae, video)[:, :, 1:].half().cpu())
-        windows = np.stack([block_windows(audio, args.blocks, left, ahead) for _, audio, _, _ in jobs])
+        windows = np.stack([block_windows(audio, args.blocks, left, ahead, fpb) for _, audio, _, _ in jobs])
         if start == 0:
-            taps = block_taps(stack.wav2vec2, args.blocks, left, windows.shape[-1], device)
+            taps = block_taps(stack.wav2vec2, args.blocks, left, windows.shape[-1], device, fpb)
         w = torch.from_numpy(windows).to(device).flatten(0, 1)
         f = window_features(stack.wav2vec2, w, tuple(t.repeat(len(jobs), 1) for t in taps))
         feats.extend(f.unflatten(0, (len(jobs), args.blocks)).half().cpu())

@@ -67,8 +67,9 @@ def _frame_loss(recon: torch.Tensor, target: torch.Tensor, w: torch.Tensor, prev
     return loss
 
 
-def _stream_job(ch: syn.Character, audio: np.ndarray, speech: np.ndarray, frames: int, seed: int) -> np.ndarray:
-    return data_clip_job(ch, audio, speech, frames, seed)[0]
+def _stream_job(ch: syn.Character, audio: np.ndarray, speech: np.ndarray, frames: int, seed: int,
+                track: str) -> np.ndarray:
+    return data_clip_job(ch, audio, speech, frames, seed, track)[0]
 
 
 @torch.no_grad()
@@ -85,7 +86,7 @@ def make_streams(stack: ModelStack, args: argparse.Namespace, chars: list[syn.Ch
     jobs = []
     for k in range(count):
         audio, speech = syn.compose_audio(bank, frames / syn.FPS + 0.2, rng)
-        jobs.append((chars[k % len(chars)], audio, speech, frames, int(rng.integers(2**31))))
+        jobs.append((chars[k % len(chars)], audio, speech, frames, int(rng.integers(2**31)), args.mouth_track))
     t0 = time.time()
     video = np.stack(worker_pool(args.workers).starmap(_stream_job, jobs))
     lat = []
@@ -106,23 +107,26 @@ def decode_streams(vae: torch.nn.Module, latents: torch.Tensor, chunk: int = 3) 
     return ((torch.cat(out, 2).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
 
 
-def eval_decoder(vae: torch.nn.Module, val: dict, log: Callable[[str], None], tag: str) -> dict:
-    """Long-stream health of the decoder on held-out streams: PSNR per 48 frames (drift shows as a fall), mean
-    frame difference at 12-frame block boundaries vs within blocks (seams), largest region colour error."""
+def eval_decoder(vae: torch.nn.Module, val: dict, log: Callable[[str], None], tag: str, fpb: int = 3) -> dict:
+    """Long-stream health of the decoder on held-out streams decoded ``fpb`` latents at a time: PSNR per 48 frames
+    (drift shows as a fall), mean frame difference at block boundaries vs within blocks (seams), largest region
+    colour error (the shirt)."""
     device = next(vae.parameters()).device
     was_training = vae.training
     vae.eval()
-    got = decode_streams(vae, val["latents"].to(device)).numpy().astype(np.float32)
+    got = decode_streams(vae, val["latents"].to(device), fpb).numpy().astype(np.float32)
     vae.train(was_training)
     want = val["frames"][:, 1:].astype(np.float32)
     seg = 48
     psnr = [float(10 * np.log10(255 ** 2 / max(1e-6, ((got[:, a:a + seg] - want[:, a:a + seg]) ** 2).mean())))
             for a in range(0, got.shape[1], seg)]
     diffs = np.abs(np.diff(got, axis=1)).mean(axis=(0, 2, 3, 4))
-    bi = np.arange(11, diffs.size, 12)
+    bi = np.arange(4 * fpb - 1, diffs.size, 4 * fpb)
     boundary = float(diffs[bi].mean()) if bi.size else float("nan")
     within = float(np.delete(diffs, bi).mean())
-    shirt = np.abs(got[:, :, 178:190, 80:112].mean(axis=(1, 2, 3)) - want[:, :, 178:190, 80:112].mean(axis=(1, 2, 3)))
+    size = got.shape[2]  # the shirt's box, as a fraction of the frame (178:190, 80:112 at 192)
+    ys, xs = slice(round(size * 0.927), round(size * 0.99)), slice(round(size * 0.417), round(size * 0.583))
+    shirt = np.abs(got[:, :, ys, xs].mean(axis=(1, 2, 3)) - want[:, :, ys, xs].mean(axis=(1, 2, 3)))
     out = {"psnr": psnr, "boundary": boundary, "within": within, "shirt": float(shirt.max())}
     log(f"decoder eval {tag}: PSNR per {seg} frames " + " ".join(f"{v:.1f}" for v in psnr)
         + f"; frame diff at block starts {boundary:.2f} vs within {within:.2f}; worst shirt colour error "
@@ -153,11 +157,12 @@ def train_decoder(stack: ModelStack, args: argparse.Namespace, log: Callable[[st
         opt.load_state_dict(state["opt"])
         step = state["step"]
         log(f"decoder: resumed at step {step}")
-    chars = characters(args.seed, args.extra_characters)
+    chars = characters(args.seed, args.extra_characters, args.frame_size)
     latents = -(-args.decoder_latents // fpb) * fpb
     pool = make_streams(stack, args, chars, args.decoder_streams, latents, args.data_seed, log)
-    val = make_streams(stack, args, list(syn.BUILTIN), args.decoder_val_streams, args.decoder_val_latents, 12345)
-    eval_decoder(vae, val, log, "before")
+    val = make_streams(stack, args, chars[:len(syn.BUILTIN)], args.decoder_val_streams, args.decoder_val_latents,
+                       12345)
+    eval_decoder(vae, val, log, "before", fpb)
     vae.train().requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
@@ -206,5 +211,5 @@ def train_decoder(stack: ModelStack, args: argparse.Namespace, log: Callable[[st
             last_save = time.time()
     vae.eval().requires_grad_(False)
     save_state({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "done": True}, ckpt)
-    eval_decoder(vae, val, log, "after")
+    eval_decoder(vae, val, log, "after", fpb)
     log(f"decoder: done at step {step}")

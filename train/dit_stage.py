@@ -108,7 +108,7 @@ def train_dit(stack: ModelStack, data: dict, args: argparse.Namespace, log: Call
     text = stack.text_encoder.encode("").to(device)
     fpb = dit.config.frames_per_block
     # the mouth is a few percent of the frame but all of the audio's effect: weight its latent cells up
-    chars_all = characters(args.seed, args.extra_characters)
+    chars_all = characters(args.seed, args.extra_characters, args.frame_size)
     lh, lw = latents.shape[-2:]
     mouth_map = torch.zeros(len(chars_all), 1, 1, lh, lw, device=device)
     for n, ch in enumerate(chars_all):

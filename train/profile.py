@@ -20,6 +20,12 @@ class TrainingProfile:
     options: StackOptions
     audio_left_context_s: float
     audio_lookahead_s: float
+    size: int = 192  # the square frame the characters are drawn at (the profile's video size)
+
+    @property
+    def frames_per_block(self) -> int:
+        """Video frames per generated block (4 per latent frame: the Wan VAE's temporal stride)."""
+        return self.model.dit.frames_per_block * 4
 
     def audio_context_samples(self) -> tuple[int, int]:
         """Samples of past audio before a block and of lookahead after it (16 kHz)."""

@@ -145,7 +145,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-latents", type=int, default=2, help="clip length 1 + 4k frames")
     p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--vae-crop", type=int, default=syn.SIZE, help="train the VAE on square crops of this size")
+    p.add_argument("--vae-crop", type=int, default=None, help="train the VAE on square crops of this size (default: "
+                   "whole frames)")
     p.add_argument("--decoder-latents", type=int, default=60,
                    help="decoder stage: stream length in latents after the reference (4 frames each)")
     p.add_argument("--decoder-streams", type=int, default=64, help="decoder stage: streams rendered for training")
@@ -165,6 +166,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", type=Path, default=None, help="folder with vae.pt / dit.pt / audio.pt (/ decoder.pt "
                    "for the decoder and export stages) to start from (weights only: fine-tuning with new settings)")
     p.add_argument("--mouth-weight", type=float, default=8.0, help="flow-matching loss weight in the mouth box")
+    p.add_argument("--mouth-track", choices=syn.MOUTH_TRACKS, default="visemes",
+                   help="how the synthetic mouth follows speech: syllable-level 'visemes' (formants, voicing), or the "
+                   "'envelope' of the energy (what the shipped checkpoint learnt)")
+    p.add_argument("--vae-feature-weight", type=float, default=4.0,
+                   help="VAE loss weight on the drawn eyes, brows, nose and accessories (the mouth gets --mouth-weight)")
     p.add_argument("--rollout-weight", type=float, default=1.0,
                    help="weight of the mouth loss on the model's own sampling trajectory (0: off)")
     p.add_argument("--rollout-batch", type=int, default=4, help="clips of each DiT batch that also get it")
@@ -190,6 +196,7 @@ def main(args: argparse.Namespace, profile: TrainingProfile) -> int:
     out = args.out or work / "tiny.safetensors"
     work.mkdir(parents=True, exist_ok=True)
     args.speech = args.speech or work / "speech.npz"
+    args.frame_size = profile.size  # the stages draw the characters at the profile's frame size
     if args.data_seed is None:
         args.data_seed = args.seed
     with open(work / args.log_name, "a") as logf:

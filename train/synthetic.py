@@ -23,12 +23,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from model.audio_features import SAMPLE_RATE
+from train.visemes import viseme_track
 
-SIZE = 192
+SIZE = 192  # the shipped model's frame size; a Character drawn at another size scales every length by size / SIZE
 FPS = 25
 SUPERSAMPLE = 2
-MAX_SWAY_X, MAX_SWAY_Y = 3.0, 2.0
+MAX_SWAY_X, MAX_SWAY_Y = 3.0, 2.0  # at SIZE
 MOUTH_INTERIOR = (70, 18, 32)
+FEATURES = ("eyes", "mouth", "nose", "brows", "accessory")  # the facial features :func:`feature_masks` marks
 
 
 @dataclass(frozen=True)
@@ -48,30 +50,46 @@ class Character:
     hair_style: int = 0
     accessory: str = "none"
     pattern: int = 0
+    size: int = SIZE
+
+    @property
+    def unit(self) -> float:
+        """Pixels per pixel of the :data:`SIZE` design (line widths, sway and margins scale with the frame)."""
+        return self.size / SIZE
 
     @property
     def head_center(self) -> tuple[float, float]:
-        return SIZE * 0.5, SIZE * 0.44
+        return self.size * 0.5, self.size * 0.44
 
     @property
     def mouth_center(self) -> tuple[float, float]:
         cx, cy = self.head_center
-        return cx, cy + self.face_h * SIZE * 0.24
+        return cx, cy + self.face_h * self.size * 0.24
 
     @property
     def mouth_width(self) -> float:
-        return self.face_w * SIZE * 0.5
+        return self.face_w * self.size * 0.5
 
     @property
     def max_open(self) -> float:
-        return self.face_h * SIZE * 0.19
+        return self.face_h * self.size * 0.19
 
     def mouth_box(self) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1) pixel box that holds the mouth at any sway/openness."""
         mx, my = self.mouth_center
-        half_w = self.mouth_width / 2 + MAX_SWAY_X + 4
-        return (int(mx - half_w), int(my - 4 - MAX_SWAY_Y), int(math.ceil(mx + half_w)),
-                int(math.ceil(my + self.max_open + 4 + MAX_SWAY_Y)))
+        u = self.unit
+        half_w = self.mouth_width / 2 + (MAX_SWAY_X + 4) * u
+        return (int(mx - half_w), int(my - (4 + MAX_SWAY_Y) * u), int(math.ceil(mx + half_w)),
+                int(math.ceil(my + self.max_open + (4 + MAX_SWAY_Y) * u)))
+
+    def eye_box(self) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) pixel box that holds both eyes and brows (and glasses) at any sway."""
+        cx, cy = self.head_center
+        fw, fh = self.face_w * self.size, self.face_h * self.size
+        u = self.unit
+        half_w = fw * 0.2 + fw * 0.11 * 1.7 + (MAX_SWAY_X + 2) * u
+        return (int(cx - half_w), int(cy - fh * 0.17 - (MAX_SWAY_Y + 4) * u), int(math.ceil(cx + half_w)),
+                int(math.ceil(cy + fh * 0.09 + (MAX_SWAY_Y + 3) * u)))
 
 
 BUILTIN = (
@@ -132,82 +150,118 @@ def _background(ch: Character, s: int) -> Image.Image:
 _BG_CACHE: dict[Character, Image.Image] = {}
 
 
+class _Canvas:
+    """The supersampled frame being drawn, and (when asked for) one mask per facial feature drawn alongside."""
+
+    def __init__(self, img: Image.Image, masks: bool) -> None:
+        self.img = img
+        self.d = ImageDraw.Draw(img)
+        self.masks = {f: Image.new("L", img.size) for f in FEATURES} if masks else {}
+        self._md = {f: ImageDraw.Draw(m) for f, m in self.masks.items()}
+
+    def draw(self, feature: str | None, shape: str, *args, **kw) -> None:
+        """``ImageDraw.<shape>(*args, **kw)`` on the frame, and on ``feature``'s mask (in white)."""
+        getattr(self.d, shape)(*args, **kw)
+        if feature in self._md:
+            mk = {k: (255 if k in ("fill", "outline") and v is not None else v) for k, v in kw.items()}
+            getattr(self._md[feature], shape)(*args, **mk)
+
+
 def render_frame(ch: Character, st: FaceState) -> np.ndarray:
-    """Draw ``ch`` in pose ``st`` → uint8 ``[SIZE, SIZE, 3]``."""
-    k = SUPERSAMPLE
-    s = SIZE * k
+    """Draw ``ch`` in pose ``st`` → uint8 ``[ch.size, ch.size, 3]``."""
+    return _render(ch, st, masks=False)[0]
+
+
+def feature_masks(ch: Character, st: FaceState) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The frame of :func:`render_frame` and, per facial feature in :data:`FEATURES`, where it is drawn (float32
+    coverage in [0, 1] at frame resolution; occluded parts included)."""
+    frame, masks = _render(ch, st, masks=True)
+    return frame, masks
+
+
+def _render(ch: Character, st: FaceState, masks: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    u = ch.unit
+    k = SUPERSAMPLE * u  # design pixels → supersampled pixels
+    s = ch.size * SUPERSAMPLE
     if ch not in _BG_CACHE:
         _BG_CACHE[ch] = _background(ch, s)
-    img = _BG_CACHE[ch].copy()
-    d = ImageDraw.Draw(img)
+    c = _Canvas(_BG_CACHE[ch].copy(), masks)
     cx, cy = ch.head_center
-    cx, cy = (cx + st.dx) * k, (cy + st.dy + 0.4 * st.breath) * k
+    cx, cy = (cx + st.dx * u) * SUPERSAMPLE, (cy + (st.dy + 0.4 * st.breath) * u) * SUPERSAMPLE
     fw, fh = ch.face_w * s, ch.face_h * s
     sh = st.breath * k
     # body and neck (breathing lifts the shoulders)
-    d.ellipse([s * 0.12, s * 0.80 - sh, s * 0.88, s * 1.35 - sh], fill=ch.shirt)
-    d.rectangle([cx - fw * 0.18, cy + fh * 0.3, cx + fw * 0.18, s * 0.86 - sh], fill=_shade(ch.skin, 0.9))
+    c.draw(None, "ellipse", [s * 0.12, s * 0.80 - sh, s * 0.88, s * 1.35 - sh], fill=ch.shirt)
+    c.draw(None, "rectangle", [cx - fw * 0.18, cy + fh * 0.3, cx + fw * 0.18, s * 0.86 - sh], fill=_shade(ch.skin, 0.9))
     if ch.hair_style == 1:  # long hair behind the head
-        d.rounded_rectangle([cx - fw * 0.64, cy - fh * 0.55, cx + fw * 0.64, cy + fh * 0.3], radius=fw * 0.3,
-                            fill=ch.hair)
+        c.draw(None, "rounded_rectangle", [cx - fw * 0.64, cy - fh * 0.55, cx + fw * 0.64, cy + fh * 0.3],
+               radius=fw * 0.3, fill=ch.hair)
     # ears, head
     for side in (-1, 1):
-        d.ellipse([cx + side * fw * 0.5 - fw * 0.09, cy - fh * 0.08, cx + side * fw * 0.5 + fw * 0.09,
-                   cy + fh * 0.14], fill=_shade(ch.skin, 0.95))
+        c.draw(None, "ellipse", [cx + side * fw * 0.5 - fw * 0.09, cy - fh * 0.08, cx + side * fw * 0.5 + fw * 0.09,
+                                 cy + fh * 0.14], fill=_shade(ch.skin, 0.95))
         if ch.accessory == "earrings":
-            d.ellipse([cx + side * fw * 0.5 - 5 * k, cy + fh * 0.16, cx + side * fw * 0.5 + 5 * k,
-                       cy + fh * 0.16 + 10 * k], fill=(245, 205, 60))
-    d.ellipse([cx - fw / 2, cy - fh / 2, cx + fw / 2, cy + fh / 2], fill=ch.skin)
+            c.draw("accessory", "ellipse", [cx + side * fw * 0.5 - 5 * k, cy + fh * 0.16, cx + side * fw * 0.5 + 5 * k,
+                                            cy + fh * 0.16 + 10 * k], fill=(245, 205, 60))
+    c.draw(None, "ellipse", [cx - fw / 2, cy - fh / 2, cx + fw / 2, cy + fh / 2], fill=ch.skin)
     # hair on top
     if ch.hair_style in (0, 1):
-        d.chord([cx - fw * 0.54, cy - fh * 0.6, cx + fw * 0.54, cy + fh * 0.05], 180, 360, fill=ch.hair)
+        c.draw(None, "chord", [cx - fw * 0.54, cy - fh * 0.6, cx + fw * 0.54, cy + fh * 0.05], 180, 360, fill=ch.hair)
     else:
-        d.chord([cx - fw * 0.52, cy - fh * 0.56, cx + fw * 0.52, cy - fh * 0.02], 180, 360, fill=ch.hair)
-        d.ellipse([cx - fw * 0.2, cy - fh * 0.78, cx + fw * 0.2, cy - fh * 0.38], fill=ch.hair)
+        c.draw(None, "chord", [cx - fw * 0.52, cy - fh * 0.56, cx + fw * 0.52, cy - fh * 0.02], 180, 360, fill=ch.hair)
+        c.draw(None, "ellipse", [cx - fw * 0.2, cy - fh * 0.78, cx + fw * 0.2, cy - fh * 0.38], fill=ch.hair)
     # eyes with blink, brows
     ey = cy - fh * 0.02
     er_w, er_h = fw * 0.11, fh * 0.075 * max(0.0, 1.0 - st.blink)
     for side in (-1, 1):
         ex = cx + side * fw * 0.2
         if er_h > 1.5 * k:
-            d.ellipse([ex - er_w, ey - er_h, ex + er_w, ey + er_h], fill=(250, 250, 250))
+            c.draw("eyes", "ellipse", [ex - er_w, ey - er_h, ex + er_w, ey + er_h], fill=(250, 250, 250))
             ir = min(er_w, er_h) * 0.75
-            d.ellipse([ex - ir, ey - ir, ex + ir, ey + ir], fill=ch.eyes)
-            d.ellipse([ex - ir * 0.45, ey - ir * 0.45, ex + ir * 0.45, ey + ir * 0.45], fill=(15, 15, 20))
+            c.draw("eyes", "ellipse", [ex - ir, ey - ir, ex + ir, ey + ir], fill=ch.eyes)
+            c.draw("eyes", "ellipse", [ex - ir * 0.45, ey - ir * 0.45, ex + ir * 0.45, ey + ir * 0.45], fill=(15, 15, 20))
         else:
-            d.line([ex - er_w, ey, ex + er_w, ey], fill=_shade(ch.skin, 0.45), width=2 * k)
-        d.line([ex - er_w * 1.1, ey - fh * 0.12, ex + er_w * 1.1, ey - fh * 0.13 + side * 0.0],
-               fill=_shade(ch.hair, 0.8), width=3 * k)
+            c.draw("eyes", "line", [ex - er_w, ey, ex + er_w, ey], fill=_shade(ch.skin, 0.45), width=round(2 * k))
+        c.draw("brows", "line", [ex - er_w * 1.1, ey - fh * 0.12, ex + er_w * 1.1, ey - fh * 0.13],
+               fill=_shade(ch.hair, 0.8), width=round(3 * k))
         if ch.accessory == "glasses":
-            d.ellipse([ex - er_w * 1.6, ey - er_w * 1.3, ex + er_w * 1.6, ey + er_w * 1.3], outline=(20, 20, 20),
-                      width=2 * k)
+            c.draw("accessory", "ellipse", [ex - er_w * 1.6, ey - er_w * 1.3, ex + er_w * 1.6, ey + er_w * 1.3],
+                   outline=(20, 20, 20), width=round(2 * k))
     if ch.accessory == "glasses":
-        d.line([cx - fw * 0.2 + er_w * 1.6, ey, cx + fw * 0.2 - er_w * 1.6, ey], fill=(20, 20, 20), width=2 * k)
+        c.draw("accessory", "line", [cx - fw * 0.2 + er_w * 1.6, ey, cx + fw * 0.2 - er_w * 1.6, ey], fill=(20, 20, 20),
+               width=round(2 * k))
     # nose
-    d.arc([cx - fw * 0.06, cy + fh * 0.08, cx + fw * 0.06, cy + fh * 0.2], 20, 160, fill=_shade(ch.skin, 0.7),
-          width=2 * k)
+    c.draw("nose", "arc", [cx - fw * 0.06, cy + fh * 0.08, cx + fw * 0.06, cy + fh * 0.2], 20, 160,
+           fill=_shade(ch.skin, 0.7), width=round(2 * k))
     # mouth
     mx, my = ch.mouth_center
-    mx, my = (mx + st.dx) * k, (my + st.dy + 0.4 * st.breath) * k
-    half = ch.mouth_width * k / 2 * (1.0 - 0.4 * st.roundness)
-    open_px = st.openness * ch.max_open * k
+    mx, my = (mx + st.dx * u) * SUPERSAMPLE, (my + (st.dy + 0.4 * st.breath) * u) * SUPERSAMPLE
+    half = ch.mouth_width * SUPERSAMPLE / 2 * (1.0 - 0.4 * st.roundness)
+    open_px = st.openness * ch.max_open * SUPERSAMPLE
     if open_px < 1.5 * k:
-        d.line([mx - half, my, mx + half, my], fill=ch.lips, width=3 * k)
+        c.draw("mouth", "line", [mx - half, my, mx + half, my], fill=ch.lips, width=round(3 * k))
     else:
         lip = 2.5 * k
-        d.ellipse([mx - half - lip, my - lip - 1 * k, mx + half + lip, my + open_px + lip], fill=ch.lips)
-        d.ellipse([mx - half, my, mx + half, my + open_px], fill=MOUTH_INTERIOR)
+        c.draw("mouth", "ellipse", [mx - half - lip, my - lip - 1 * k, mx + half + lip, my + open_px + lip], fill=ch.lips)
+        c.draw("mouth", "ellipse", [mx - half, my, mx + half, my + open_px], fill=MOUTH_INTERIOR)
         if open_px > 6 * k:
-            d.chord([mx - half * 0.8, my, mx + half * 0.8, my + open_px * 0.5], 180, 360, fill=(245, 245, 240))
+            c.draw("mouth", "chord", [mx - half * 0.8, my, mx + half * 0.8, my + open_px * 0.5], 180, 360,
+                   fill=(245, 245, 240))
     # hat / bow last
     if ch.accessory == "hat":
-        d.rectangle([cx - fw * 0.45, cy - fh * 0.95, cx + fw * 0.45, cy - fh * 0.42], fill=_shade(ch.shirt, 0.6))
-        d.rectangle([cx - fw * 0.7, cy - fh * 0.46, cx + fw * 0.7, cy - fh * 0.38], fill=_shade(ch.shirt, 0.5))
+        c.draw("accessory", "rectangle", [cx - fw * 0.45, cy - fh * 0.95, cx + fw * 0.45, cy - fh * 0.42],
+               fill=_shade(ch.shirt, 0.6))
+        c.draw("accessory", "rectangle", [cx - fw * 0.7, cy - fh * 0.46, cx + fw * 0.7, cy - fh * 0.38],
+               fill=_shade(ch.shirt, 0.5))
     elif ch.accessory == "bow":
         bx, by = cx + fw * 0.3, cy - fh * 0.42
-        d.polygon([(bx, by), (bx - 14 * k, by - 9 * k), (bx - 14 * k, by + 9 * k)], fill=(230, 60, 120))
-        d.polygon([(bx, by), (bx + 14 * k, by - 9 * k), (bx + 14 * k, by + 9 * k)], fill=(230, 60, 120))
-    return np.asarray(img.resize((SIZE, SIZE), Image.Resampling.BOX))
+        c.draw("accessory", "polygon", [(bx, by), (bx - 14 * k, by - 9 * k), (bx - 14 * k, by + 9 * k)],
+               fill=(230, 60, 120))
+        c.draw("accessory", "polygon", [(bx, by), (bx + 14 * k, by - 9 * k), (bx + 14 * k, by + 9 * k)],
+               fill=(230, 60, 120))
+    size = (ch.size, ch.size)
+    frame = np.asarray(c.img.resize(size, Image.Resampling.BOX))
+    return frame, {f: np.asarray(m.resize(size, Image.Resampling.BOX), np.float32) / 255.0 for f, m in c.masks.items()}
 
 
 def _shade(c: tuple[int, int, int], f: float) -> tuple[int, int, int]:
@@ -283,10 +337,22 @@ def idle_motion(frames: int, rng: np.random.Generator, start: int = 0) -> list[t
     return out
 
 
+def track_mouth(audio: np.ndarray, speech: np.ndarray, frames: int, track: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame (openness, roundness) by ``track``: ``"envelope"`` (:func:`mouth_track`, what the shipped
+    checkpoint learnt) or ``"visemes"`` (syllable-level, :func:`train.visemes.viseme_track`)."""
+    if track not in MOUTH_TRACKS:
+        raise ValueError(f"unknown mouth track {track!r}: use one of {', '.join(MOUTH_TRACKS)}")
+    return (mouth_track if track == "envelope" else viseme_track)(audio, speech, frames)
+
+
+MOUTH_TRACKS = ("envelope", "visemes")
+
+
 def render_clip(ch: Character, audio: np.ndarray, speech: np.ndarray, frames: int,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Frames ``[frames, SIZE, SIZE, 3]`` uint8 for ``audio`` (16 kHz) and their ground-truth openness."""
-    opening, roundness = mouth_track(audio, speech, frames)
+                rng: np.random.Generator, track: str = "envelope") -> tuple[np.ndarray, np.ndarray]:
+    """Frames ``[frames, ch.size, ch.size, 3]`` uint8 for ``audio`` (16 kHz) and their ground-truth openness, the
+    mouth following ``track`` (see :func:`track_mouth`)."""
+    opening, roundness = track_mouth(audio, speech, frames, track)
     idle = idle_motion(frames, rng)
     video = np.stack([render_frame(ch, FaceState(float(o), float(r), *m)) for o, r, m in zip(opening, roundness, idle)])
     return video, opening
@@ -306,6 +372,10 @@ SENTENCES = (
 )
 TRAIN_VOICES = ("en", "en-us", "en-gb-scotland", "de", "fr", "es", "it")
 VARIANTS = ("m1", "m3", "f1", "f2", "m5", "f4")
+# Speech no training stage ever hears: voices of other languages and texts not in SENTENCES (evaluation only).
+HELD_OUT_SPEECH = (("pt+m7", "Bom dia, tudo bem?"), ("nl+m2", "Het regent vandaag."),
+                   ("sv+f1", "Vi ses i morgon."), ("pl+m3", "Dzień dobry, co słychać?"),
+                   ("fi+f3", "Hyvää huomenta, mitä kuuluu?"), ("el+f2", "Kalimera sas."))
 
 
 def espeak(text: str, voice: str, speed: int = 160, pitch: int = 50) -> np.ndarray:

@@ -15,21 +15,36 @@ import torch
 from model.stack import ModelStack
 from model.vae import encode_video
 from train import synthetic as syn
-from train.clips import characters, mouth_weight, to_video, worker_pool
+from train.clips import characters, to_video, worker_pool
 from train.loop import Budget, optimizer_step, resume, save_state, state_done
 
 
-def _random_face_clip(ch: syn.Character, frames: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """Frames with random mouth trajectories and idle motion (VAE training needs poses, not audio)."""
+def _random_poses(frames: int, rng: np.random.Generator) -> list[syn.FaceState]:
+    """Random mouth trajectories with idle motion (VAE training needs poses, not audio)."""
     idle = syn.idle_motion(frames, rng, start=int(rng.integers(0, 2000)))
     o = np.clip(np.cumsum(rng.normal(0, 0.35, frames)) * rng.uniform(0, 1) + rng.uniform(-0.3, 0.8), 0, 1)
     o = o * (rng.random(frames) > 0.15)
     r = np.clip(rng.uniform(0, 1) + np.cumsum(rng.normal(0, 0.2, frames)), 0, 1)
-    return np.stack([syn.render_frame(ch, syn.FaceState(float(a), float(b), *m)) for a, b, m in zip(o, r, idle)]), 0
+    return [syn.FaceState(float(a), float(b), *m) for a, b, m in zip(o, r, idle)]
 
 
-def _vae_clip_job(ch: syn.Character, frames: int, seed: int) -> np.ndarray:
-    return _random_face_clip(ch, frames, np.random.default_rng(seed))[0]
+def _random_face_clip(ch: syn.Character, frames: int, rng: np.random.Generator) -> np.ndarray:
+    """Frames ``[frames, H, W, 3]`` uint8 of ``ch`` in random poses."""
+    return np.stack([syn.render_frame(ch, st) for st in _random_poses(frames, rng)])
+
+
+def _vae_clip_job(ch: syn.Character, frames: int, seed: int, mouth_w: float, feature_w: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A random-pose clip and its per-pixel loss weight ``[frames, H, W]`` (float16): ``mouth_w`` where the mouth is
+    drawn, ``feature_w`` on the other facial features (eyes, brows, nose, accessories: thin strokes that a loss
+    averaged over the frame lets fade), 1 elsewhere."""
+    frames_out, weights = [], []
+    for st in _random_poses(frames, np.random.default_rng(seed)):
+        frame, masks = syn.feature_masks(ch, st)
+        others = np.max([m for name, m in masks.items() if name != "mouth"], axis=0)
+        weights.append(1 + (mouth_w - 1) * masks["mouth"] + (feature_w - 1) * others * (1 - masks["mouth"]))
+        frames_out.append(frame)
+    return np.stack(frames_out), np.stack(weights).astype(np.float16)
 
 
 def _crop(video: torch.Tensor, w: torch.Tensor, chars, idx, size: int, rng: np.random.Generator):
@@ -40,9 +55,9 @@ def _crop(video: torch.Tensor, w: torch.Tensor, chars, idx, size: int, rng: np.r
             cx, cy = (x0 + x1) // 2 + int(rng.integers(-size // 3, size // 3 + 1)), (y0 + y1) // 2 + int(
                 rng.integers(-size // 3, size // 3 + 1))
         else:
-            cx, cy = (int(v) for v in rng.integers(size // 2, syn.SIZE - size // 2 + 1, 2))
-        left = min(max(cx - size // 2, 0), syn.SIZE - size) // 8 * 8
-        top = min(max(cy - size // 2, 0), syn.SIZE - size) // 8 * 8
+            cx, cy = (int(v) for v in rng.integers(size // 2, chars[i].size - size // 2 + 1, 2))
+        left = min(max(cx - size // 2, 0), chars[i].size - size) // 8 * 8
+        top = min(max(cy - size // 2, 0), chars[i].size - size) // 8 * 8
         vs.append(video[b, :, :, top:top + size, left:left + size])
         ws.append(w[b, :, :, top:top + size, left:left + size])
     return torch.stack(vs), torch.stack(ws)
@@ -54,7 +69,7 @@ def train_vae(stack: ModelStack, args: argparse.Namespace, log: Callable[[str], 
     Resumable from ``WORK/vae.pt``."""
     device = next(stack.vae.parameters()).device
     vae = stack.vae
-    chars = characters(args.seed, args.extra_characters)
+    chars = characters(args.seed, args.extra_characters, args.frame_size)
     ckpt = Path(args.work) / "vae.pt"
     params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
@@ -72,10 +87,13 @@ def train_vae(stack: ModelStack, args: argparse.Namespace, log: Callable[[str], 
         rng = np.random.default_rng([args.seed, 1, step])
         idx = [int(v) for v in rng.integers(0, len(chars), args.vae_batch)]
         seeds = [int(v) for v in rng.integers(0, 2**31, args.vae_batch)]
-        clips = pool.starmap(_vae_clip_job, [(chars[i], frames, s) for i, s in zip(idx, seeds)])
-        video = to_video(np.stack(clips), device)
-        w = mouth_weight(chars, idx, device)
-        if args.vae_crop < syn.SIZE:  # the VAE is convolutional: crops (mostly around the mouth) are cheaper
+        clips = pool.starmap(_vae_clip_job, [(chars[i], frames, s, args.mouth_weight, args.vae_feature_weight)
+                                             for i, s in zip(idx, seeds)])
+        video = to_video(np.stack([c[0] for c in clips]), device)
+        # the weights reach 2 px around each stroke: a feature blurred into the skin beside it costs too
+        w = torch.nn.functional.max_pool3d(torch.from_numpy(np.stack([c[1] for c in clips])).to(device).float()[:, None],
+                                           (1, 5, 5), 1, (0, 2, 2))
+        if args.vae_crop is not None and args.vae_crop < chars[0].size:  # convolutional: crops are cheaper
             video, w = _crop(video, w, chars, idx, args.vae_crop, rng)
         posterior = vae.encode(video).latent_dist
         recon = vae.decode(posterior.mode()).sample
@@ -101,7 +119,7 @@ def _fold_latent_stats(stack, chars, args, log) -> None:
     vae = stack.vae
     device = next(vae.parameters()).device
     rng = np.random.default_rng(args.seed + 3)
-    clips = [_random_face_clip(chars[int(rng.integers(len(chars)))], 9, rng)[0] for _ in range(32)]
+    clips = [_random_face_clip(chars[int(rng.integers(len(chars)))], 9, rng) for _ in range(32)]
     z = encode_video(vae, to_video(np.stack(clips), device))
     mean = z.mean(dim=(0, 2, 3, 4))
     std = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
