@@ -4,6 +4,7 @@ reference-first talking clip, video tensors and the loss weight of the mouth (an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing as mp
 from multiprocessing.pool import Pool
 
@@ -52,15 +53,21 @@ def to_video(frames: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(frames).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
 
 
-def mouth_weight(chars: list[syn.Character], idx: list[int], device: torch.device, mouth: float = 8.0,
-                 eyes: float = 3.0) -> torch.Tensor:
-    """Per-pixel loss weight ``[B, 1, 1, H, W]`` of clips of characters ``chars[i]``: ``mouth`` in the mouth box,
-    times ``eyes`` in the eye band, 1 elsewhere."""
-    size = chars[idx[0]].size
-    w = torch.ones(len(idx), 1, 1, size, size, device=device)
-    for b, i in enumerate(idx):
-        x0, y0, x1, y1 = chars[i].mouth_box()
-        w[b, :, :, y0:y1, x0:x1] = mouth
-        x0, y0, x1, y1 = chars[i].eye_box()
-        w[b, :, :, y0:y1, x0:x1] *= eyes
+def feature_weight(chars: list[syn.Character], idx: list[int], device: torch.device, mouth: float = 8.0,
+                   features: float = 3.0) -> torch.Tensor:
+    """Per-pixel loss weight ``[B, 1, 1, H, W]`` of clips of characters ``chars[i]`` in any pose: ``mouth`` in the
+    mouth box, ``features`` wherever the eyes, brows, nose or accessories can be drawn (their strokes at rest,
+    widened by the largest sway), 1 elsewhere."""
+    return torch.stack([_feature_weight(chars[i], mouth, features) for i in idx]).to(device)[:, None, None]
+
+
+@functools.cache
+def _feature_weight(ch: syn.Character, mouth: float, features: float) -> torch.Tensor:
+    _, masks = syn.feature_masks(ch, syn.FaceState())
+    strokes = torch.from_numpy(np.max([m for name, m in masks.items() if name != "mouth"], axis=0) > 0.1).float()
+    rx, ry = (round(v * ch.unit) + 1 for v in (syn.MAX_SWAY_X, syn.MAX_SWAY_Y + 1))
+    reach = torch.nn.functional.max_pool2d(strokes[None, None], (2 * ry + 1, 2 * rx + 1), 1, (ry, rx))[0, 0]
+    w = 1 + (features - 1) * reach
+    x0, y0, x1, y1 = ch.mouth_box()
+    w[y0:y1, x0:x1] = mouth
     return w

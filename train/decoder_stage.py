@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from model.stack import ModelStack
 from model.vae import denormalize_latents, encode_video
 from train import synthetic as syn
-from train.clips import characters, data_clip_job, mouth_weight, to_video, worker_pool
+from train.clips import characters, data_clip_job, feature_weight, to_video, worker_pool
 from train.loop import Budget, save_state
 
 
@@ -181,7 +181,8 @@ def train_decoder(stack: ModelStack, args: argparse.Namespace, log: Callable[[st
         sigma = torch.from_numpy(rng.uniform(0, args.decoder_noise, len(idx)) * (rng.random(len(idx)) < 0.5))
         lat[:, :, 1:] += sigma.float().to(device).view(-1, 1, 1, 1, 1) * torch.randn(
             lat[:, :, 1:].shape, generator=g, device=device)
-        w = mouth_weight(chars, [int(pool["char"][i]) for i in idx], device, args.decoder_mouth_weight, 2.0)
+        w = feature_weight(chars, [int(pool["char"][i]) for i in idx], device, args.decoder_mouth_weight,
+                           args.vae_feature_weight)
         cache, prev = new_decoder_cache(vae), None
         for k in range(windows):
             a, b = k * window, min(latents, (k + 1) * window)

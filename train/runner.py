@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from model.stack import ModelStack, resolve_device
+from model.stack import ModelStack, load_project_weights, resolve_device
 from train import synthetic as syn
 from train.audio import AudioProbe, train_audio
 from train.data_stage import make_data
@@ -163,6 +163,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-val-streams", type=int, default=len(syn.BUILTIN),
                    help="held-out streams (one per built-in character in turn)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--init-weights", type=Path, default=None, help="a weights file of the tiny profile's layout (e.g. "
+                   "assets/tiny/tiny.safetensors) to start every model from, where --work / --init-from have none")
     p.add_argument("--init-from", type=Path, default=None, help="folder with vae.pt / dit.pt / audio.pt (/ decoder.pt "
                    "for the decoder and export stages) to start from (weights only: fine-tuning with new settings)")
     p.add_argument("--mouth-weight", type=float, default=8.0, help="flow-matching loss weight in the mouth box")
@@ -234,6 +236,10 @@ def _start(args: argparse.Namespace, profile: TrainingProfile, work: Path, log: 
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # the decoder stage's 3-D convs: a few fixed shapes, few channels
     stack = build_stack(profile, device)
+    if args.init_weights is not None:
+        load_project_weights(args.init_weights, {"dit": stack.dit, "vae": stack.vae, "wav2vec2": stack.wav2vec2,
+                                                 "text": stack.text_encoder})
+        log(f"weights from {args.init_weights}")
     run = Run(args, profile, work, device, stack, AudioProbe(stack.wav2vec2).to(device), log)
     if args.init_from is not None:
         # weights only, where --work has none of its own (a resumed stage loads its own checkpoint)
