@@ -80,28 +80,28 @@ def host_us(fn, n: int = 20) -> float:
     return elapsed / n * 1e6
 
 
-def make_qkv(sq: int, skv: int, outliers: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """bf16 ``[1, S, 40, 128]`` Q/K/V with realistic statistics: tokens RMS-normed over the full width 5120 (Wan's
-    q/k norm) times per-channel gains (lognormal, σ 0.3); V unnormalised with gains. ``outliers``: 8 channels
-    (in 4 heads) of Q and K carry a common offset of 30 before the norm (~20x the rest after it), and 8 V
+def make_qkv(sq: int, skv: int, outliers: bool, seed: int, heads: int = HEADS, hd: int = HD,
+             dev: torch.device | str = DEV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 ``[1, S, heads, hd]`` Q/K/V with realistic statistics: tokens RMS-normed over the full width (Wan's q/k
+    norm) times per-channel gains (lognormal, σ 0.3); V unnormalised with gains. ``outliers``: 8 channels (in 4
+    heads at the 14B width) of Q and K carry a common offset of 30 before the norm (~20x the rest after it), and 8 V
     channels a 20x gain."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    width = HEADS * HD
-    gain = lambda: torch.exp(0.3 * torch.randn(width, device=DEV, generator=g))  # noqa: E731
-    offset = torch.zeros(width, device=DEV)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    width = heads * hd
+    gain = lambda: torch.exp(0.3 * torch.randn(width, device=dev, generator=g))  # noqa: E731
+    offset = torch.zeros(width, device=dev)
     if outliers:
-        chans = torch.tensor([3, 70, 600, 601, 2050, 2100, 4000, 4001], device=DEV)
-        offset[chans] = 30.0
+        offset[torch.tensor([3, 70, 600, 601, 2050, 2100, 4000, 4001], device=dev) % width] = 30.0
 
     def normed(n: int, gn: torch.Tensor) -> torch.Tensor:
-        x = torch.randn(1, n, width, device=DEV, generator=g) + offset
-        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gn).view(1, n, HEADS, HD).bfloat16()
+        x = torch.randn(1, n, width, device=dev, generator=g) + offset
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gn).view(1, n, heads, hd).bfloat16()
 
     q, k = normed(sq, gain()), normed(skv, gain())
     gv = gain()
     if outliers:
-        gv[torch.tensor([10, 900, 901, 3000, 3001, 3002, 4500, 5000], device=DEV)] *= 20.0
-    v = (torch.randn(1, skv, width, device=DEV, generator=g) * gv).view(1, skv, HEADS, HD).bfloat16()
+        gv[torch.tensor([10, 900, 901, 3000, 3001, 3002, 4500, 5000], device=dev) % width] *= 20.0
+    v = (torch.randn(1, skv, width, device=dev, generator=g) * gv).view(1, skv, heads, hd).bfloat16()
     return q, k, v
 
 

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.fp8_attention import make_qkv  # noqa: E402
 from live.engine.stream import VAE_TEMPORAL_STRIDE, ProfileStack  # noqa: E402
 from live.images import generation_size  # noqa: E402
 from live.settings import load_settings  # noqa: E402
@@ -93,29 +94,6 @@ def run_variant(stack: ProfileStack, lat_h: int, lat_w: int, blocks: int, warmup
     return row
 
 
-def make_qkv(sq: int, skv: int, heads: int, hd: int, outliers: bool, dev: torch.device, seed: int
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """bf16 ``[1, S, H, D]`` Q/K/V as bench/fp8_attention.py makes them: tokens RMS-normed over the full width with
-    per-channel gains; ``outliers``: 8 Q/K channels with a large common offset and 8 V channels with a 20x gain."""
-    g = torch.Generator(device=dev).manual_seed(seed)
-    width = heads * hd
-    gain = lambda: torch.exp(0.3 * torch.randn(width, device=dev, generator=g))  # noqa: E731
-    offset = torch.zeros(width, device=dev)
-    if outliers:
-        offset[torch.tensor([3, 70, 600, 601, 2050, 2100, 4000, 4001], device=dev) % width] = 30.0
-
-    def normed(n: int, gn: torch.Tensor) -> torch.Tensor:
-        x = torch.randn(1, n, width, device=dev, generator=g) + offset
-        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gn).view(1, n, heads, hd).bfloat16()
-
-    q, k = normed(sq, gain()), normed(skv, gain())
-    gv = gain()
-    if outliers:
-        gv[torch.tensor([10, 900, 901, 3000, 3001, 3002, 4500, 5000], device=dev) % width] *= 20.0
-    v = (torch.randn(1, skv, width, device=dev, generator=g) * gv).view(1, skv, heads, hd).bfloat16()
-    return q, k, v
-
-
 def attention_errors(dit: CausalS2VDiT, lat_h: int, lat_w: int, dev: torch.device) -> list[str]:
     """Markdown rows: one layer's [sink | ring] self-attention at the real size in each precision, relative error of
     the merged output against bf16 and float32 (normal and outlier statistics)."""
@@ -125,7 +103,7 @@ def attention_errors(dit: CausalS2VDiT, lat_h: int, lat_w: int, dev: torch.devic
     dense, fp8 = StreamAttention("dtype"), StreamAttention("fp8", (), 1)
     rows = []
     for label, outliers in (("normal", False), ("8 outlier channels", True)):
-        q, k, v = make_qkv(sq, sink + ring, cfg.num_heads, cfg.head_dim, outliers, dev, seed=3)
+        q, k, v = make_qkv(sq, sink + ring, outliers, 3, cfg.num_heads, cfg.head_dim, dev)
         ref = attention_fp32(q, k, v)[0].transpose(1, 2)
         parts = (slice(0, sink), slice(sink, None))
         kd, vd = kv_descale(k[:, :sink], rotary=True), kv_descale(v[:, :sink])  # fixed at the sink, as the engine

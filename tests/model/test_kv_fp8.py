@@ -307,7 +307,8 @@ def test_tiny_avatar_fp8_kv_and_attention_psnr_against_the_default_path():
     Measured on this character: 34.4 dB (FP8 KV) and 33.6 dB (both); over the four built-in characters 33.6-43.4 dB,
     against 58-61 dB for bf16 KV storage; the difference is largest in the 2nd-4th blocks and does not grow over a
     7 s stream (per-block PSNR back to 37-39 dB). The bound, 31 dB, leaves ~2.6 dB (1.8x the squared error)."""
-    from live.engine.stream import ProfileStack, StreamEngine
+    from cli.face_report import stream_frames
+    from live.engine.stream import ProfileStack
     from live.settings import load_settings
     from train import synthetic as syn
 
@@ -317,17 +318,7 @@ def test_tiny_avatar_fp8_kv_and_attention_psnr_against_the_default_path():
 
     def render(**update) -> np.ndarray:
         settings = load_settings("configs/tiny.yaml").model_copy(update=update)
-        engine = StreamEngine(ProfileStack.from_settings(settings), seed=0)
-        engine.start(syn.reference_image(syn.BUILTIN[0]))
-        engine.push_audio(pcm)
-        engine.finish_audio()
-        frames = []
-        while engine.block_ready():
-            engine.generate_block()
-            while (f := engine.ring.get_nowait()) is not None:
-                frames.append(f.numpy())
-        engine.close()
-        return np.stack(frames)
+        return stream_frames(ProfileStack.from_settings(settings), syn.BUILTIN[0], pcm)
 
     base = render()
     kv = render(kv_cache_dtype="fp8")

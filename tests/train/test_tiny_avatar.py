@@ -38,19 +38,9 @@ def stack():
 
 
 def _render(stack, ch: syn.Character, pcm: np.ndarray, seed: int = 0) -> np.ndarray:
-    from live.engine.stream import StreamEngine
+    from cli.face_report import stream_frames
 
-    engine = StreamEngine(stack, seed)
-    engine.start(syn.reference_image(ch))
-    engine.push_audio(pcm)
-    engine.finish_audio()
-    frames = []
-    while engine.block_ready():
-        engine.generate_block()
-        while (f := engine.ring.get_nowait()) is not None:
-            frames.append(f.numpy())
-    engine.close()
-    return np.stack(frames)[: round(pcm.size * syn.FPS / syn.SAMPLE_RATE)]
+    return stream_frames(stack, ch, pcm, seed)
 
 
 @pytest.fixture(scope="module")
