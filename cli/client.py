@@ -245,10 +245,11 @@ class WhepViewer:
     """A WHEP client: watches a session and records what it receives."""
 
     def __init__(self, server: str, session_id: str, max_seconds: float = 120.0,
-                 ice_servers: Sequence[IceServer] | None = None, token: str | None = None) -> None:
+                 ice_servers: Sequence[IceServer] | None = None, token: str | None = None, audio: bool = True) -> None:
         """Prepare to watch ``session_id`` on ``server`` with ``token`` (the session's view token, or the API key);
-        ``ice_servers`` None: the server's."""
+        ``ice_servers`` None: the server's; ``audio`` False: offer video only."""
         self.server = server
+        self.audio = audio
         self.session_id = session_id
         self.token = token
         self.ice_servers = ice_servers
@@ -261,7 +262,8 @@ class WhepViewer:
         """POST the offer and start receiving; raises :class:`ClientError` if refused."""
         self.pc = await _peer(self.server, self.ice_servers)
         self.pc.addTransceiver("video", direction="recvonly")
-        self.pc.addTransceiver("audio", direction="recvonly")
+        if self.audio:
+            self.pc.addTransceiver("audio", direction="recvonly")
         self.location, answer, _ = await _post_offer(self.pc, _http_url(self.server, f"/whep/{self.session_id}"),
                                                      "WHEP", self.token)
         await self.pc.setRemoteDescription(answer)

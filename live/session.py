@@ -19,7 +19,7 @@ from live.engine.worker import EngineHandle, EngineWorker, WorkerBusy, worker_de
 from live.loop_lag import LoopLagMonitor
 from live.metrics import CounterRate, LiveGauges, ServerMetrics, SessionGauges
 from live.native_memory import release_free_memory
-from live.peer import OfferError, PeerLink
+from live.peer import OfferError, PeerLink, parse_offer
 from live.settings import Settings
 from live.sinks import Sink
 from live.sinks.encoder import SharedAudioEncoder, SharedVideoEncoder
@@ -136,13 +136,15 @@ class Session:
         return await self._connect(link, offer_sdp, refuse=("video",))
 
     async def add_viewer(self, offer_sdp: str) -> tuple[PeerLink, str]:
-        """A WHEP viewer of this session. Returns its link and the SDP answer."""
+        """A WHEP viewer of this session: the video, and the voice if the offer has an audio section. Returns its
+        link and the SDP answer."""
         if len(self.viewers) >= MAX_VIEWERS:
             raise ViewerLimit(f"session {self.id} already has {MAX_VIEWERS} viewers")
         check_h264_offer(offer_sdp)
         link = PeerLink("viewer", lambda lk, reason: self.spawn(self.remove_viewer(lk.id)), self._ice_servers)
         self._add_video(link)
-        link.pc.addTransceiver(AvatarAudioTrack(self.audio_encoder), direction="sendonly")
+        if "audio" in {m.kind for m in parse_offer(offer_sdp).media}:
+            link.pc.addTransceiver(AvatarAudioTrack(self.audio_encoder), direction="sendonly")
         try:
             answer = await link.answer(offer_sdp)
         except BaseException:

@@ -32,7 +32,7 @@ async def play(request: web.Request) -> web.Response:
         return error_response(404, f"no session {session_id!r} is running")
     sdp = await read_sdp(request, MAX_SDP_BYTES)
     try:
-        check_offer(sdp, need=("video", "audio"))  # the viewer's peer sends both
+        check_offer(sdp, need=("video",))  # the voice goes to viewers that offer audio too
         link, sdp_answer = await session.add_viewer(sdp)
     except OfferError as exc:
         return error_response(400, str(exc))

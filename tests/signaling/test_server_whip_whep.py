@@ -61,3 +61,20 @@ async def _output_delay(server_url: str, session_id: str) -> float:
 
 async def _gone(server_url: str, session_id: str) -> bool:
     return session_id not in await session_ids(server_url)
+
+
+async def test_a_video_only_whep_viewer_gets_the_video(server_url, speech_16k):
+    publisher = WhipPublisher(server_url, speech_16k)
+    await publisher.start()
+    viewer = WhepViewer(server_url, publisher.session_id, token=publisher.view_token, audio=False)
+    try:
+        await viewer.start()
+        assert [t.kind for t in viewer.pc.getTransceivers()] == ["video"]
+
+        async def frames_came() -> bool:
+            return len(viewer.recorder.video) >= 25
+
+        await wait_until(frames_came, 60, "a second of video at the video-only viewer")
+    finally:
+        assert await viewer.stop() == 200
+        assert await publisher.stop() == 200
