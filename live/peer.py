@@ -156,6 +156,10 @@ class PeerLink:
         except (ValueError, IndexError) as exc:
             raise OfferError(f"malformed ICE candidate: {exc}") from None
         cand.sdpMid, cand.sdpMLineIndex = sdp_mid, sdp_mline_index
+        mids = sorted(t.mid for t in self.pc.getTransceivers() if t.mid is not None)
+        if sdp_mid is not None and sdp_mid not in mids:  # aiortc would drop it without a word
+            raise OfferError(f"ICE candidate for media section {sdp_mid[:40]!r}, which this connection does not have "
+                             f"(its sdpMid values: {', '.join(mids) or 'none yet'})")
         try:
             await self.pc.addIceCandidate(cand)
         except Exception as exc:  # noqa: BLE001 - aiortc raises ValueError/InvalidStateError for bad candidates

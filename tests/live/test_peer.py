@@ -1,11 +1,13 @@
-"""The talker's voice leaves aiortc's receive buffer as soon as each packet is complete (live.peer)."""
+"""One peer connection (live.peer): the talker's voice leaves aiortc's receive buffer as soon as each packet is
+complete, and trickled candidates for a media section the connection lacks are refused, not dropped."""
 
 from __future__ import annotations
 
+import pytest
 from aiortc import RTCPeerConnection
 from aiortc.rtp import RtpPacket
 
-from live.peer import PeerLink
+from live.peer import OfferError, PeerLink
 
 
 def _released_after(buffer) -> int:
@@ -32,6 +34,21 @@ async def test_answered_audio_is_released_one_packet_later() -> None:
         # alone) waits for 4 more
         assert _released_after(audio.receiver._RTCRtpReceiver__jitter_buffer) == 2
         assert _released_after(sent.receiver._RTCRtpReceiver__jitter_buffer) == 5
+    finally:
+        await link.close()
+        await client.close()
+
+
+async def test_a_candidate_for_an_unknown_media_section_is_refused_with_the_known_ones() -> None:
+    client = RTCPeerConnection()
+    client.addTransceiver("audio", direction="sendrecv")
+    link = PeerLink("talker", lambda lk, reason: None)
+    try:
+        await client.setLocalDescription(await client.createOffer())
+        await link.answer(client.localDescription.sdp)
+        with pytest.raises(OfferError, match=r"media section 'video'.*sdpMid values: 0"):
+            await link.add_candidate("candidate:1 1 udp 2130706431 127.0.0.1 9 typ host", "video", 1)
+        await link.add_candidate("candidate:1 1 udp 2130706431 127.0.0.1 9 typ host", "0", 0)
     finally:
         await link.close()
         await client.close()
