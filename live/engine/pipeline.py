@@ -463,6 +463,10 @@ class PipelineEngine(StreamEngine):
         """Blocks put into the pipeline whose frames have not arrived yet."""
         return len(self._route.inflight) if self._route is not None else 0
 
+    def work_ready(self) -> bool:
+        """The worker's poll: as :meth:`block_ready` (a call with only blocks in flight waits for one)."""
+        return self.block_ready()
+
     def block_ready(self) -> bool:
         """Whether ``generate_block`` has work: audio for a new block, blocks in flight or finished, or an error
         to report."""

@@ -169,6 +169,16 @@ class StreamEngine:
         with self._lock:
             return self.window is not None and not self._closed and (self.window.ready() or self._decoding is not None)
 
+    def work_ready(self) -> bool:
+        """Whether ``generate_block`` has work it can do without waiting: a block's audio (block + lookahead) is
+        buffered, or the block decoding in the background has finished (its frames are to be counted). A worker
+        serving live audio polls this, so it is free to start the next block while the last one decodes."""
+        with self._lock:
+            if self.window is None or self._closed:
+                return False
+            decoding = self._decoding
+            return self.window.ready() or (decoding is not None and decoding[0].done())
+
     @property
     def frames_in_flight(self) -> int:
         """Frames of a block still decoding in the background, not yet in the ring (they need room there)."""
@@ -188,9 +198,11 @@ class StreamEngine:
         """Generate the next block into the ring (waits while the ring is full); returns the frames put into
         the ring during the call, 0 if not enough audio is buffered and no decode was in flight.
 
-        With ``stream.overlap_decode`` a block whose successor's audio is already buffered is decoded in the
-        background (:class:`DecodeLane`) while the next call denoises that successor; its frames reach the ring
-        during that next call. Otherwise the block is decoded before the call returns.
+        With ``stream.overlap_decode`` the block is decoded in the background (:class:`DecodeLane`): the call
+        returns once it is denoised, its frames reach the ring as soon as the decode ends, and the next call counts
+        them (waiting for the decode only if there is no new block to denoise meanwhile). So the next block is
+        denoised while this one decodes — at once if its audio is buffered, or as soon as it arrives. Otherwise the
+        block is decoded before the call returns.
         """
         st = self.stack
         with self._lock:
@@ -213,10 +225,6 @@ class StreamEngine:
         count = self.frames_per_block - drop
         if self._overlap:
             self._decoding = (DecodeLane.shared(st).submit(lambda: self._decode(latents, drop), (latents,)), count)
-            with self._lock:
-                more = self.window.ready()
-            if not more:
-                produced += self._finish_decode()
         else:
             produced += self._decode(latents, drop)
             self.blocks_done += 1

@@ -285,7 +285,7 @@ class EngineWorker:
             handle = self._handles[idx]
             eng = handle.engine
             room = eng.ring.capacity - len(eng.ring) - eng.frames_in_flight
-            if handle.error is None and eng.block_ready() and room >= eng.frames_per_block:
+            if handle.error is None and eng.work_ready() and room >= eng.frames_per_block:
                 self._rr = (idx + 1) % n
                 return handle
         return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -63,16 +65,28 @@ def test_decode_in_flight_keeps_the_engine_ready_and_needs_ring_room(stacks):
     eng.close()
 
 
-def test_live_feed_decodes_before_returning(stacks):
-    """When the next block's audio is not there yet (a live feed keeping up), frames are out when the call
-    returns — no extra latency from the overlap."""
+def test_a_live_feed_denoises_the_next_block_while_the_last_one_decodes(stacks):
+    """A worker serving live audio is not held by a decode: the call returns once the block is denoised, and when
+    the next block's audio arrives it can be denoised while the last block is still decoding."""
     overlapped, _ = stacks
     eng = StreamEngine(overlapped, seed=0)
     eng.start()
-    chunk = make_speechlike(0.6, seed=2)
-    eng.push_audio(chunk)
-    assert eng.generate_block() == eng.frames_per_block - eng.drop_first
-    assert eng._decoding is None and len(eng.ring) == eng.frames_per_block - eng.drop_first
+    gate = threading.Event()
+    busy = DecodeLane.shared(overlapped).submit(lambda: gate.wait(30) and 0, ())  # the lane decodes another stream
+    try:
+        eng.push_audio(make_speechlike(0.6, seed=2))  # block 0 and its lookahead, not block 1's
+        assert eng.generate_block() == 0  # denoised; its decode waits behind the other stream's
+        assert eng._decoding is not None and not eng.work_ready()  # nothing to do now without waiting
+        eng.push_audio(make_speechlike(0.5, seed=3))  # block 1's audio arrives
+        assert eng.work_ready()  # free to denoise block 1 while block 0 is still decoding
+    finally:
+        gate.set()
+    busy.result()
+    assert eng.generate_block() == eng.frames_per_block - eng.drop_first  # block 1 denoised, block 0 counted
+    eng._decoding[0].result()
+    assert len(eng.ring) == 2 * eng.frames_per_block - eng.drop_first  # block 1's frames are in without a call
+    assert eng.work_ready() and eng.generate_block() == eng.frames_per_block
+    assert eng._decoding is None and not eng.work_ready()
     eng.close()
 
 
