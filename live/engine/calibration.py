@@ -112,6 +112,7 @@ def time_silent_blocks(eng: StreamEngine, blocks: int) -> list[float]:
         eng.push_audio(np.zeros(eng.samples_per_block, np.float32))
         t0 = time.perf_counter()
         eng.generate_block()
+        eng.wait_decoded()  # a block's frames are out after its decode too
         times.append(time.perf_counter() - t0)
         eng.ring.clear()
     return times

@@ -10,6 +10,7 @@ offline renderer both drive this class; there is no second pipeline.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, fields
 
@@ -90,6 +91,7 @@ class StreamEngine:
         self._closed = False
         self._overlap = overlap_enabled(s.stream.overlap_decode, stack.device)
         self._decoding: tuple[Future, int] | None = None  # the block decoding in the background, its frame count
+        self.background_decode_s = 0.0  # wall time of the latest decode that ran after generate_block returned
 
     # ----- session start ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -209,7 +211,7 @@ class StreamEngine:
             block = self._require_started().next_block()
             prompt, self._pending_prompt = self._pending_prompt, None
         if block is None:
-            return self._finish_decode()
+            return self.wait_decoded()
         self.blocks_started += 1
         if prompt is not None:
             self._text_kv = self._encode_prompt(prompt)
@@ -219,12 +221,13 @@ class StreamEngine:
         audio = st.dit.encode_audio(feats.to(st.device, st.dtype))
         noise = torch.randn(self._latent_shape, generator=self._generator, device=st.device, dtype=torch.float32)
         x = self.denoise(block.index, audio, noise)
-        produced = self._finish_decode()
+        produced = self.wait_decoded()
         latents = x.to(st.dtype)
         drop = self.drop_first if block.index == 0 else 0
         count = self.frames_per_block - drop
         if self._overlap:
-            self._decoding = (DecodeLane.shared(st).submit(lambda: self._decode(latents, drop), (latents,)), count)
+            self._decoding = (DecodeLane.shared(st).submit(lambda: self._decode_in_background(latents, drop),
+                                                           (latents,)), count)
         else:
             produced += self._decode(latents, drop)
             self.blocks_done += 1
@@ -255,7 +258,13 @@ class StreamEngine:
         self.ring.put(frames)
         return frames.shape[0]
 
-    def _finish_decode(self) -> int:
+    def _decode_in_background(self, latents: torch.Tensor, drop: int) -> int:
+        t0 = time.perf_counter()
+        produced = self._decode(latents, drop)
+        self.background_decode_s = time.perf_counter() - t0
+        return produced
+
+    def wait_decoded(self) -> int:
         """Wait for the block decoding in the background, if any; returns its frames (re-raises its error)."""
         if self._decoding is None:
             return 0
