@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from live.engine.cache_pool import CachePool
 from live.engine.stream import VAE_TEMPORAL_STRIDE, ProfileStack, StreamEngine
 from live.settings import Settings
 
@@ -78,7 +79,9 @@ def with_size(settings: Settings, size_area: str) -> Settings:
 
 
 def size_block_s(stack: ProfileStack, size_area: str) -> float:
-    """:func:`steady_block_s` at ``size_area``, for a reference of that area's own aspect ratio."""
+    """:func:`steady_block_s` at ``size_area``, for a reference of that area's own aspect ratio. The stream's caches
+    (and their CUDA graphs) are dropped afterwards, not pooled: one size's KV memory at a time (720*400 and 688*368
+    side by side did not fit an 80 GB H100)."""
     profile = stack.settings
     stack.settings = with_size(profile, size_area)
     aw, ah = (int(v) for v in size_area.split("*"))
@@ -86,6 +89,9 @@ def size_block_s(stack: ProfileStack, size_area: str) -> float:
         return steady_block_s(stack, Image.new("RGB", (aw, ah), (128, 128, 128)))
     finally:
         stack.settings = profile
+        CachePool.shared(stack).retain(lambda key: False)
+        if stack.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def steady_block_s(stack: ProfileStack, image: Image.Image | None = None) -> float:

@@ -69,3 +69,14 @@ def test_attention_and_kv_storage_settings_key_the_calibration_cache(tiny_settin
     keys = {cache_key(ProfileStack.from_settings(s.model_copy(update=u)))
             for u in ({}, {"kv_cache_dtype": "fp8"}, {"attention": "fp8"}, {"fp8_attention_skip_layers": [0]})}
     assert len(keys) == 4
+
+
+def test_measuring_a_size_leaves_no_caches_pooled(tiny_settings):
+    from live.engine.cache_pool import CachePool
+    from live.engine.calibration import size_block_s
+
+    stack = ProfileStack.from_settings(tiny_settings)
+    pool = CachePool.shared(stack)
+    pool.limit = 2
+    assert size_block_s(stack, "64*64") > 0
+    assert len(pool) == 0  # the next size's rings do not sit beside this one's
