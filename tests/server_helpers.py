@@ -1,4 +1,4 @@
-"""Helpers shared by the live-server tests: the test server's credentials, polling /health and /metrics."""
+"""Helpers shared by the live-server tests: the test server's credentials, SDP offers, polling /health and /metrics."""
 
 from __future__ import annotations
 
@@ -8,10 +8,23 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+from cli.client import new_peer
+
 # The shared test server (tests/conftest.py `server_url`) runs with this API key and token secret.
 API_KEY = "test-operator-key-0123456789"
 TOKEN_SECRET = "test-token-secret-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+async def offer_sdp(kinds: tuple[str, ...]) -> str:
+    """A real aiortc offer with one section per kind in ``kinds`` (audio sendrecv, video recvonly)."""
+    pc = new_peer()
+    for kind in kinds:
+        pc.addTransceiver(kind, direction="sendrecv" if kind == "audio" else "recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
 
 
 async def get_json(url: str, headers: dict[str, str] = AUTH) -> dict:

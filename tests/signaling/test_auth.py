@@ -21,7 +21,7 @@ from live.settings import AuthSettings, ConfigError, GuardSettings, load_setting
 from signaling.auth import Auth, TokenError, TokenSigner, check_exposure
 from signaling.guard import Guard, RateLimiter, TokenBucket
 from tests.conftest import make_speechlike
-from tests.server_helpers import API_KEY, AUTH, TOKEN_SECRET, get_json
+from tests.server_helpers import API_KEY, AUTH, TOKEN_SECRET, get_json, offer_sdp
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,16 +29,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def bearer(token: str) -> dict[str, str]:
     """The ``Authorization`` header carrying ``token``."""
     return {"Authorization": f"Bearer {token}"}
-
-
-async def _offer(kinds: tuple[str, ...]) -> str:
-    pc = new_peer()
-    for kind in kinds:
-        pc.addTransceiver(kind, direction="sendrecv" if kind == "audio" else "recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
 
 
 async def _request(method: str, url: str, headers: dict | None = None, **kwargs) -> tuple[int, dict, dict | str]:
@@ -229,7 +219,7 @@ async def test_without_a_token_session_actions_and_listing_are_refused(server_ur
     publisher, control = whip_session
     sid = publisher.session_id
     rtmp = f"{server_url}/api/sessions/{sid}/rtmp"
-    sdp = await _offer(("video",))
+    sdp = await offer_sdp(("video",))
     refusals = [
         ("POST", f"{server_url}/whep/{sid}", {"data": sdp, "headers": {"Content-Type": "application/sdp"}}),
         ("DELETE", f"{server_url}/whip/{sid}", {}),
@@ -263,7 +253,7 @@ async def test_tokens_grant_their_role_on_their_session_only(server_url, whip_se
         got, _, body = await _request("GET", rtmp, bearer(token))
         assert got == status and words in body["message"], (token, got, body)
     # A view token (header or ?token=) watches; the viewer resource's Location carries what deletes it.
-    sdp = await _offer(("audio", "video"))
+    sdp = await offer_sdp(("audio", "video"))
     for headers, url in [(bearer(view), f"{server_url}/whep/{sid}"), ({}, f"{server_url}/whep/{sid}?token={view}")]:
         status, resp_headers, body = await _request("POST", url, {"Content-Type": "application/sdp", **headers},
                                                     data=sdp)
@@ -284,7 +274,7 @@ async def test_tokens_grant_their_role_on_their_session_only(server_url, whip_se
 async def test_whip_bearer_must_be_the_key_and_delete_needs_control(server_url):
     status, _, body = await _request("POST", server_url + "/whip",
                                      {"Content-Type": "application/sdp", **bearer("obs-typo-obs-typo-obs")},
-                                     data=await _offer(("audio",)))
+                                     data=await offer_sdp(("audio",)))
     assert status == 403 and "not this server's API key" in body["message"]
     publisher = WhipPublisher(server_url, make_speechlike(30.0))
     await publisher.start()

@@ -13,18 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli.client import new_peer
-from tests.server_helpers import AUTH, get_json
-
-
-async def _offer(kinds: tuple[str, ...]) -> str:
-    pc = new_peer()
-    for kind in kinds:
-        pc.addTransceiver(kind, direction="sendrecv" if kind == "audio" else "recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
+from tests.server_helpers import AUTH, get_json, offer_sdp
 
 
 def _png(width: int, height: int) -> bytes:
@@ -68,14 +57,14 @@ async def test_whip_reads_an_offer_that_arrives_in_pieces(server_url):
 
 
 async def test_whip_offer_without_audio_and_unknown_image_are_refused(server_url):
-    status, _, payload = await _post(server_url + "/whip", await _offer(("video",)), "application/sdp")
+    status, _, payload = await _post(server_url + "/whip", await offer_sdp(("video",)), "application/sdp")
     assert status == 400 and "no audio" in payload["message"]
-    status, _, payload = await _post(server_url + "/whip?image=nope", await _offer(("audio",)), "application/sdp")
+    status, _, payload = await _post(server_url + "/whip?image=nope", await offer_sdp(("audio",)), "application/sdp")
     assert status == 400 and "unknown image" in payload["message"]
 
 
 async def test_whep_errors(server_url):
-    status, _, payload = await _post(server_url + "/whep/no-such-session", await _offer(("video",)),
+    status, _, payload = await _post(server_url + "/whep/no-such-session", await offer_sdp(("video",)),
                                      "application/sdp", AUTH)
     assert status == 404 and "no session" in payload["message"]
     async with aiohttp.ClientSession(headers=AUTH) as http:
@@ -108,7 +97,7 @@ async def test_good_upload_is_accepted_and_usable(server_url):
     # The tiny test profile animates only its built-in characters: the upload says so instead of a silent blob.
     assert "built-in characters" in payload["warning"] and "liveavatar-14b" in payload["warning"]
     status, headers, _ = await _post_sdp(server_url + f"/whip?image={payload['image_id']}&prompt=waving",
-                                         await _offer(("audio",)))
+                                         await offer_sdp(("audio",)))
     assert status == 201
     session_id = urlsplit(headers["Location"]).path.rsplit("/", 1)[-1]
     session = next(s for s in (await get_json(server_url + "/health"))["sessions"] if s["id"] == session_id)
@@ -154,8 +143,8 @@ async def test_websocket_reports_bad_messages_and_stays_open(server_url):
                 (json.dumps({"type": "dance"}), "unknown message type"),
                 (json.dumps({"type": "offer"}), "invalid offer message: sdp"),
                 (json.dumps({"type": "offer", "sdp": "garbage"}), "not an SDP offer"),
-                (json.dumps({"type": "offer", "sdp": await _offer(("audio",))}), "no video"),
-                (json.dumps({"type": "offer", "sdp": await _offer(("audio", "video")), "image": "nope"}),
+                (json.dumps({"type": "offer", "sdp": await offer_sdp(("audio",))}), "no video"),
+                (json.dumps({"type": "offer", "sdp": await offer_sdp(("audio", "video")), "image": "nope"}),
                  "unknown image"),
                 (json.dumps({"type": "prompt", "prompt": "smile"}), "no session yet"),
                 (json.dumps({"type": "candidate", "candidate": "candidate:1 1 udp 1 1.2.3.4 5 typ host"}),
